@@ -1,0 +1,42 @@
+"""GraLoRA (Granular Low-Rank Adaptation) as a LoRA variant of Hugging Face PEFT.
+
+After ``pip install peft-gralora``, ``from peft import LoraConfig`` accepts ``use_gralora``, ``gralora_k`` and
+``hybrid_r`` in every process (an import hook installs the variant when peft is imported). Importing this package is
+cheap: everything below loads on first use.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "install": "integration",
+    "uninstall": "integration",
+    "is_installed": "integration",
+    "gralora_installed": "integration",
+    "check_peft_version": "integration",
+    "SUPPORTED_PEFT": "integration",
+    "GraLoraLinearVariant": "variant",
+    "gralora_forward": "functional",
+    "gralora_delta_weight": "functional",
+    "export_lora_factors": "functional",
+    "export_lora": "convert",
+    "convert_adapter": "convert",
+    "adapter_info": "convert",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> object:
+    # imported here, not at the top: this package is imported at interpreter start by the .pth hook
+    from importlib import import_module
+
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peft_gralora' has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,101 @@
+"""GraLoRA as a peft LoRA variant: stateless static hooks over the host layer's own ``lora_A`` / ``lora_B``.
+
+State lives on the host ``lora.Linear`` (or a bnb LoRA layer), keyed by adapter name: ``gralora_k[name]`` and
+``hybrid_r[name]`` next to LoRA's ``r``, ``scaling``, ``lora_dropout``. All math is in :mod:`peft_gralora.functional`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .functional import gralora_delta_weight, gralora_forward, init_gralora_A_
+
+__all__ = ["GraLoraLinearVariant", "gralora_delta", "is_gralora_adapter"]
+
+# extra per-adapter attributes we keep on the host layer; peft deletes them with the adapter
+GRALORA_LAYER_ATTRS = ("gralora_k", "hybrid_r")
+
+
+def is_gralora_adapter(module: Any, adapter_name: str) -> bool:
+    """Whether ``adapter_name`` on this LoRA layer is a GraLoRA adapter."""
+    return isinstance(getattr(module, "lora_variant", {}).get(adapter_name), GraLoraLinearVariant)
+
+
+def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+def gralora_delta(module: Any, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``scaling * delta W`` of one GraLoRA adapter, in the base weight's layout (``(in, out)`` for Conv1D).
+
+    Half-precision factors on CPU are upcast for the product (slow / inexact half matmuls there), as LoRA does.
+
+    Args:
+        dtype: dtype of the result; defaults to the adapter weights' dtype.
+    """
+    weight_A = module.lora_A[adapter_name].weight
+    weight_B = module.lora_B[adapter_name].weight
+    out_dtype = dtype or weight_B.dtype
+    if weight_B.device.type == "cpu" and weight_B.dtype in (torch.float16, torch.bfloat16):
+        weight_A, weight_B = weight_A.float(), weight_B.float()
+    delta = gralora_delta_weight(weight_A, weight_B, module.gralora_k[adapter_name], module.hybrid_r[adapter_name])
+    delta = _transpose(delta, getattr(module, "fan_in_fan_out", False)) * module.scaling[adapter_name]
+    return delta.to(out_dtype)
+
+
+class GraLoraLinearVariant:
+    """GraLoRA on a LoRA linear layer (``nn.Linear``, ``Conv1D`` with ``fan_in_fan_out``, bnb 4/8-bit).
+
+    ``y = base(x) + scaling * (sum_j B_ij A_ij x_j + [B_h A_h x]_i)`` with the blocks read out of ``lora_A.weight``
+    ``(r, in)`` and ``lora_B.weight`` ``(out, r)`` (see :mod:`peft_gralora.functional`).
+    """
+
+    def supports_lora_conversion(self) -> bool:
+        # get_delta_weight is GraLoRA-aware, so peft's SVD conversion sees the true delta
+        return True
+
+    @staticmethod
+    def init(module: Any, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        """Record ``k`` / ``hybrid_r`` on the layer and give ``A_ij`` their block fan-in init."""
+        for attr in GRALORA_LAYER_ATTRS:
+            if not hasattr(module, attr):
+                setattr(module, attr, {})
+            if attr not in module.other_param_names:
+                module.other_param_names = tuple(module.other_param_names) + (attr,)
+        module.gralora_k[adapter_name] = config.gralora_k
+        module.hybrid_r[adapter_name] = config.hybrid_r
+        weight_A = module.lora_A[adapter_name].weight
+        # meta tensors get their values from a checkpoint (low_cpu_mem_usage); the others keep LoRA's init otherwise
+        if config.init_lora_weights is True and not weight_A.is_meta:
+            init_gralora_A_(weight_A.data, config.gralora_k, config.hybrid_r)
+
+    @staticmethod
+    def merge_safe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + gralora_delta(module, active_adapter, orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += gralora_delta(module, active_adapter, orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight.data - gralora_delta(module, active_adapter, orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``result + scaling * GraLoRA(dropout(x))``; ``x`` is ``(..., in)``, ``result`` is ``(..., out)``."""
+        lora_A = module.lora_A[active_adapter]
+        lora_B = module.lora_B[active_adapter]
+        x = module.lora_dropout[active_adapter](x)
+        x = module._cast_input_dtype(x, lora_A.weight.dtype)
+        delta = gralora_forward(
+            x,
+            lora_A.weight,
+            lora_B.weight,
+            module.gralora_k[active_adapter],
+            module.hybrid_r[active_adapter],
+            lora_B.bias,
+        )
+        return result + delta * module.scaling[active_adapter]
