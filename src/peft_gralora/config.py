@@ -105,11 +105,14 @@ def _check_rank(where: str, r: Any, k: int, h: int) -> None:
     if (r - h) % k:
         raise ValueError(
             f"The GraLoRA rank {where} - hybrid_r = {r - h} must be divisible by gralora_k={k}. "
-            f"Choose {where} so that {where} - hybrid_r is a multiple of {k}, e.g. {where}={h + k * max(1, (r - h) // k)}."
+            f"Choose {where} so that {where} - hybrid_r is a multiple of {k}, "
+            f"e.g. {where}={h + k * max(1, (r - h) // k)}."
         )
 
 
-def validate_gralora_layer(module_name: str, in_features: int, out_features: int, r: int, k: int, hybrid_r: int) -> None:
+def validate_gralora_layer(
+    module_name: str, in_features: int, out_features: int, r: int, k: int, hybrid_r: int
+) -> None:
     """Check that a targeted module can hold a GraLoRA adapter of rank ``r``.
 
     Raises:

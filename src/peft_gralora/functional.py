@@ -226,9 +226,7 @@ def upstream_to_variant(
     """
     k, n, g = gralora_A.shape
     if gralora_B.dim() != 3 or gralora_B.shape[0] != k or gralora_B.shape[1] != g:
-        raise ValueError(
-            f"Upstream gralora_B must have shape (k={k}, g={g}, out/k), got {tuple(gralora_B.shape)}."
-        )
+        raise ValueError(f"Upstream gralora_B must have shape (k={k}, g={g}, out/k), got {tuple(gralora_B.shape)}.")
     m = gralora_B.shape[2]
     weight_A = gralora_A.permute(2, 0, 1).reshape(g, k * n)  # (g, in), rows (i, t), cols (j, c)
     weight_B = gralora_B.permute(0, 2, 1).reshape(k * m, g)  # (out, g), rows (i, row), cols (j, t)

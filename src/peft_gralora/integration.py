@@ -273,7 +273,10 @@ def _make_add_weighted_adapter(original: Callable) -> Callable:
                 "to exact plain LoRA with peft_gralora.export_lora first."
             )
         if effective in _LINEAR_COMBINATIONS:
-            layouts = {(g, getattr(c, "gralora_k", None), getattr(c, "hybrid_r", None)) for g, c in zip(gralora, configs)}
+            layouts = {
+                (g, getattr(c, "gralora_k", None), getattr(c, "hybrid_r", None))
+                for g, c in zip(gralora, configs, strict=True)
+            }
             if len(layouts) != 1:
                 raise ValueError(
                     f"add_weighted_adapter(combination_type={effective!r}) mixes the A and B factors entry by entry, "

@@ -84,7 +84,9 @@ class GraLoraLinearVariant:
         return orig_weight.data - gralora_delta(module, active_adapter, orig_weight.dtype)
 
     @staticmethod
-    def forward(module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         """``result + scaling * GraLoRA(dropout(x))``; ``x`` is ``(..., in)``, ``result`` is ``(..., out)``."""
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
