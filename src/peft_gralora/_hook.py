@@ -28,6 +28,7 @@ class _LoaderWithInstall:
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
+        unregister()  # one shot: peft is being imported for real now
         self._loader.exec_module(module)
         # hand importlib's bookkeeping back to peft's real loader: nothing of ours stays on the module
         module.__loader__ = self._loader
@@ -41,18 +42,26 @@ class _LoaderWithInstall:
 class PeftImportFinder:
     """A ``sys.meta_path`` finder that wraps the loader of ``peft`` (and nothing else), once."""
 
+    _searching = False
+
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "peft":
+        if fullname != "peft" or self._searching:
             return None
-        unregister()  # one shot; also keeps the lookup below from finding us again
-        for finder in sys.meta_path:
-            find_spec = getattr(finder, "find_spec", None)
-            spec = find_spec(fullname, path, target) if find_spec else None
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _LoaderWithInstall(spec.loader)
-                return spec
-        return None
+        # Not one-shot here: importlib.util.find_spec("peft") (transformers' is_peft_available) only probes and
+        # never executes the spec, so the finder must stay until exec_module. The flag keeps the lookup below
+        # from finding us again.
+        self._searching = True
+        try:
+            for finder in sys.meta_path:
+                find_spec = getattr(finder, "find_spec", None)
+                spec = find_spec(fullname, path, target) if find_spec else None
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _LoaderWithInstall(spec.loader)
+                    return spec
+            return None
+        finally:
+            self._searching = False
 
 
 def register() -> None:
