@@ -18,6 +18,8 @@ patch point                           why
 ``LoraModel._create_and_replace``     refuses, before anything changes, modules GraLoRA cannot adapt: wrong shape
                                       for ``gralora_k``, an existing LoRA layer type without GraLoRA, parameters
 ``LoraModel._create_new_module``      refuses layer types that would otherwise silently train plain LoRA
+``LoraModel.inject_adapter``          peft adapts targets one by one: when GraLoRA refuses a later target, takes the
+                                      layers already adapted back out, so a refused config leaves the model unchanged
 ``LoraModel.add_weighted_adapter``    each combination type gives the right result for GraLoRA adapters or a clear
                                       error (never plain-LoRA math on GraLoRA weights)
 ====================================  =================================================================================
@@ -255,6 +257,38 @@ def _make_create_new_module(original: Callable) -> Callable:
     return staticmethod(_create_new_module)
 
 
+def _make_inject_adapter(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        if not getattr(self.peft_config.get(adapter_name), "use_gralora", False):
+            return original(self, model, adapter_name, *args, **kwargs)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        existing = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+        try:
+            return original(self, model, adapter_name, *args, **kwargs)
+        except Exception:
+            _remove_injected(model, adapter_name, existing)
+            raise
+
+    return inject_adapter
+
+
+def _remove_injected(model: Any, adapter_name: str, existing: dict[str, Any]) -> None:
+    """Undo a failed injection: unwrap layers created for it, drop the adapter from layers that existed before."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import _get_submodules
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if existing.get(name) is module:
+            module.delete_adapter(adapter_name)
+        else:
+            parent, _, target_name = _get_submodules(model, name)
+            setattr(parent, target_name, module.get_base_layer())
+
+
 _LINEAR_COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
@@ -316,6 +350,7 @@ def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
         (linear, "get_delta_weight", _make_get_delta_weight),
         (model, "_create_and_replace", _make_create_and_replace),
         (model, "_create_new_module", _make_create_new_module),
+        (model, "inject_adapter", _make_inject_adapter),
         (model, "add_weighted_adapter", _make_add_weighted_adapter),
     ]
 
