@@ -1,0 +1,462 @@
+"""One matrix of GraLoRA configs x the generic LoRA operations of peft, checked against an independent dense model.
+
+The reference replaces every targeted weight W by ``W + scaling * delta W`` (delta W from tests/reference.py, or from
+the differentiable block loop below for gradients) and runs the untouched base model through ``functional_call`` in
+float64. Every adapter starts with random, non-zero A *and* B (``init_lora_weights=False``) or is trained first, so no
+merge check can pass with a zero delta.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
+
+from tests.models import TinyConv1DNet, TinyMLP
+from tests.reference import dense_delta
+
+
+@dataclass(frozen=True)
+class Case:
+    k: int
+    hybrid: bool
+    rslora: bool = False
+    bias: bool = False
+    dtype: torch.dtype = torch.float32
+    arch: str = "linear"  # "linear": nn.Linear (TinyMLP); "conv1d": transformers Conv1D (fan_in_fan_out)
+
+    @property
+    def hybrid_r(self) -> int:
+        return 2 if self.hybrid else 0
+
+    @property
+    def r(self) -> int:
+        return 2 * self.k + self.hybrid_r  # sub-block rank 2
+
+    @property
+    def targets(self) -> list[str]:
+        return ["lin0", "lin1"] if self.arch == "linear" else ["c0", "c1"]
+
+    def config(self, **overrides) -> LoraConfig:
+        kw = dict(
+            r=self.r,
+            lora_alpha=6,
+            target_modules=self.targets,
+            use_gralora=True,
+            gralora_k=self.k,
+            hybrid_r=self.hybrid_r,
+            use_rslora=self.rslora,
+            lora_bias=self.bias,
+            fan_in_fan_out=self.arch == "conv1d",
+            init_lora_weights=False,  # random B: merges and outputs cannot agree by accident
+        )
+        return LoraConfig(**{**kw, **overrides})
+
+    def base(self) -> nn.Module:
+        """The same base weights on every call (fresh copies for reload tests)."""
+        torch.manual_seed(1234)
+        model = TinyMLP(self.dtype) if self.arch == "linear" else TinyConv1DNet(self.dtype)
+        if self.k == 3:  # 16 and 8 are not divisible by 3: same classes, sizes 12 -> 24 -> 6
+            if self.arch == "linear":
+                model.lin0, model.lin1 = nn.Linear(12, 24, dtype=self.dtype), nn.Linear(24, 6, dtype=self.dtype)
+            else:
+                model.c0, model.c1 = Conv1D(24, 12).to(self.dtype), Conv1D(6, 24).to(self.dtype)
+        return model
+
+    @property
+    def in_features(self) -> int:
+        return 12 if self.k == 3 else 16
+
+    def input(self, *lead: int) -> torch.Tensor:
+        return torch.randn(*(lead or (2, 3)), self.in_features).to(self.dtype)
+
+    @property
+    def tol(self) -> dict:
+        if self.dtype == torch.float32:
+            return dict(atol=1e-5, rtol=1e-5)
+        return dict(atol=4e-2, rtol=4e-2)
+
+    def __str__(self) -> str:
+        flags = [f"k{self.k}", "hyb" if self.hybrid else "pure", self.arch, str(self.dtype).removeprefix("torch.")]
+        flags += ["rslora"] * self.rslora + ["bias"] * self.bias
+        return "-".join(flags)
+
+
+def _all_cases() -> list[Case]:
+    # every k x hybrid x layer type in fp32; rslora and lora_bias rotate so that each (rslora, bias) pair meets both
+    # hybrid settings on both layer types; bf16 on one case per k
+    cases = [
+        Case(k, hybrid, rslora=hybrid != (k > 2), bias=k % 2 == 0, arch=arch)
+        for arch in ("linear", "conv1d")
+        for k in (1, 2, 3, 4)
+        for hybrid in (False, True)
+    ]
+    cases += [
+        Case(k, hybrid=k % 2 == 1, bias=k > 2, dtype=torch.bfloat16, arch=arch)
+        for k, arch in zip((1, 2, 3, 4), ("linear", "conv1d", "linear", "conv1d"), strict=True)
+    ]
+    return cases
+
+
+ALL = _all_cases()
+# the heavier operations run on a representative subset: hybrid and pure, every layer type, k = 1..4, bf16
+SUBSET = [
+    Case(2, True, rslora=True, bias=True),
+    Case(4, False, arch="conv1d"),
+    Case(3, True, bias=True, arch="conv1d"),
+    Case(1, False),
+    Case(2, True, dtype=torch.bfloat16, arch="conv1d"),
+]
+all_cases = pytest.mark.parametrize("case", ALL, ids=str)
+subset = pytest.mark.parametrize("case", SUBSET, ids=str)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the independent dense reference
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def block_delta(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, h: int) -> torch.Tensor:
+    """Differentiable delta W: the grid of blocks B_ij A_ij concatenated, plus B_h A_h (a loop, no reshapes)."""
+    g = weight_A.shape[0] - h
+    s = g // k
+    a_rows = weight_A[:g].chunk(k, dim=0)  # a_rows[i]: (s, in) = [A_i1 ... A_ik]
+    b_rows = weight_B[:, :g].chunk(k, dim=0)  # b_rows[i]: (out/k, g) = [B_i1 ... B_ik]
+    rows = []
+    for i in range(k):
+        a_blocks = a_rows[i].chunk(k, dim=1)  # A_ij: (s, in/k)
+        rows.append(torch.cat([b_rows[i][:, j * s : (j + 1) * s] @ a_blocks[j] for j in range(k)], dim=1))
+    return torch.cat(rows, dim=0) + weight_B[:, g:] @ weight_A[g:]
+
+
+@dataclass
+class Factors:
+    """One layer's adapter, copied out of the peft model in float64."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    bias: torch.Tensor | None
+    scaling: float
+    k: int
+    h: int
+    fan_in_fan_out: bool
+
+    def delta(self) -> torch.Tensor:
+        """scaling * delta W in the base weight's layout, from tests/reference.py."""
+        d = dense_delta(self.A, self.B, self.k, self.h) * self.scaling
+        return d.T if self.fan_in_fan_out else d
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def factors(model: nn.Module, adapter: str = "default", requires_grad: bool = False) -> dict[str, Factors]:
+    out = {}
+    for name, layer in lora_layers(model).items():
+        lin_B = layer.lora_B[adapter]
+
+        def copy_(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().double().clone().requires_grad_(requires_grad)
+
+        gralora = getattr(layer, "gralora_k", {}).get(adapter)
+        out[name] = Factors(
+            copy_(layer.lora_A[adapter].weight),
+            copy_(lin_B.weight),
+            None if lin_B.bias is None else copy_(lin_B.bias),
+            layer.scaling[adapter],
+            gralora or 1,  # a plain LoRA adapter is GraLoRA with k=1, h=0
+            layer.hybrid_r[adapter] if gralora else 0,
+            layer.fan_in_fan_out,
+        )
+    return out
+
+
+def reference(base: nn.Module, x: torch.Tensor, *adapters: dict[str, Factors], autograd: bool = False):
+    """float64 output of the untouched ``base`` with every adapter's delta added to its weights (and lora bias)."""
+    params = {name: p.detach().double() for name, p in base.named_parameters()}
+    for layer_factors in adapters:
+        for name, f in layer_factors.items():
+            if autograd:
+                d = block_delta(f.A, f.B, f.k, f.h) * f.scaling
+                d = d.T if f.fan_in_fan_out else d
+            else:
+                d = f.delta()
+            params[f"{name}.weight"] = params[f"{name}.weight"] + d
+            if f.bias is not None:
+                params[f"{name}.bias"] = params[f"{name}.bias"] + f.bias * f.scaling
+    return functional_call(base, params, (x.double(),))
+
+
+def expected_weights(base: nn.Module, *adapters: dict[str, Factors]) -> dict[str, torch.Tensor]:
+    """Merged float64 weights (and biases) of every targeted layer."""
+    out = {}
+    for layer_factors in adapters:
+        for name, f in layer_factors.items():
+            layer = base.get_submodule(name)
+            out[f"{name}.weight"] = out.get(f"{name}.weight", layer.weight.double()) + f.delta()
+            if f.bias is not None:
+                out[f"{name}.bias"] = out.get(f"{name}.bias", layer.bias.double()) + f.bias * f.scaling
+    return out
+
+
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Current base weights (and biases) of the LoRA layers, keyed like expected_weights."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        base_layer = layer.get_base_layer()
+        out[f"{name}.weight"] = base_layer.weight.detach().clone()
+        out[f"{name}.bias"] = base_layer.bias.detach().clone()
+    return out
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, case: Case) -> None:
+    torch.testing.assert_close(actual.double(), expected.double(), **case.tol)
+
+
+def assert_weights(actual: dict, expected: dict, case: Case) -> None:
+    for key, value in expected.items():
+        assert_close(actual[key], value, case)
+
+
+def build(case: Case, **overrides) -> tuple[PeftModel, nn.Module]:
+    """The peft model and an untouched copy of its base model."""
+    base = case.base()
+    untouched = copy.deepcopy(base)
+    return get_peft_model(base, case.config(**overrides)).eval(), untouched
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# operations on every config
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@all_cases
+def test_forward_matches_dense_reference(case):
+    model, base = build(case)
+    x = case.input()
+    with torch.no_grad():
+        out = model(x)
+    assert out.dtype == case.dtype
+    assert_close(out, reference(base, x, factors(model)), case)
+
+
+@all_cases
+def test_backward_matches_autograd_through_dense_reference(case):
+    model, base = build(case)
+    model.train()
+    x = case.input()
+    probe = torch.randn(2, 3, 6 if case.k == 3 else 8)  # a loss that weights every output differently
+    (model(x).float() * probe).sum().backward()
+    ref = factors(model, requires_grad=True)
+    (reference(base, x, ref, autograd=True) * probe.double()).sum().backward()
+    # in bf16 the base layers' activations are bf16, so the gradients are only as exact as bf16 (case.tol)
+    for name, layer in lora_layers(model).items():
+        f = ref[name]
+        assert_close(layer.lora_A["default"].weight.grad, f.A.grad, case)
+        assert_close(layer.lora_B["default"].weight.grad, f.B.grad, case)
+        if case.bias:
+            assert_close(layer.lora_B["default"].bias.grad, f.bias.grad, case)
+        assert layer.get_base_layer().weight.grad is None  # the base stays frozen
+
+
+@all_cases
+@pytest.mark.parametrize("safe_merge", [False, True], ids=["merge", "safe_merge"])
+def test_merge_unmerge_round_trip(case, safe_merge):
+    model, base = build(case)
+    x = case.input()
+    original = base_weights(model)
+    with torch.no_grad():
+        unmerged_out = model(x)
+        model.merge_adapter(safe_merge=safe_merge)
+        assert_weights(base_weights(model), expected_weights(base, factors(model)), case)
+        assert_close(model(x), unmerged_out, case)
+        model.unmerge_adapter()
+        assert_weights(base_weights(model), original, case)
+        assert_close(model(x), unmerged_out, case)
+
+
+@all_cases
+def test_merge_and_unload(case):
+    model, base = build(case)
+    x = case.input()
+    expected_out = reference(base, x, factors(model))
+    expected = expected_weights(base, factors(model))
+    merged = model.merge_and_unload()
+    assert not lora_layers(merged)
+    assert_weights(dict(merged.named_parameters()), expected, case)
+    with torch.no_grad():
+        assert_close(merged(x), expected_out, case)
+
+
+@all_cases
+def test_disable_adapter_gives_the_base_model(case):
+    model, base = build(case)
+    x = case.input()
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert torch.equal(model(x), base(x))
+        assert_close(model(x), reference(base, x, factors(model)), case)
+
+
+@all_cases
+def test_trainable_parameters_equal_plain_lora(case):
+    gralora, _ = build(case)
+    plain = get_peft_model(case.base(), case.config(use_gralora=False))
+    n_trainable = gralora.get_nb_trainable_parameters()
+    assert n_trainable == plain.get_nb_trainable_parameters()
+    # and it is LoRA's r (in + out) per layer: no hidden parameters next to lora_A / lora_B
+    expected = sum(
+        case.r * (layer.in_features + layer.out_features) + layer.out_features * case.bias
+        for layer in lora_layers(gralora).values()
+    )
+    assert n_trainable[0] == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# heavier operations on the representative subset
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@subset
+def test_safe_merge_refuses_nan_and_leaves_weights(case):
+    model, _ = build(case)
+    original = base_weights(model)
+    layer = lora_layers(model)[case.targets[0]]
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+        model.merge_adapter(safe_merge=True)
+    for key, value in original.items():
+        if key.startswith(case.targets[0]):
+            assert torch.equal(base_weights(model)[key], value)
+
+
+@subset
+def test_save_load_reload_is_bit_exact(case, tmp_path):
+    model, _ = build(case)
+    x = case.input()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["use_gralora"], saved["gralora_k"], saved["hybrid_r"]) == (True, case.k, case.hybrid_r)
+    loaded = PeftModel.from_pretrained(case.base(), tmp_path).eval()
+    assert loaded.peft_config["default"].gralora_k == case.k
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@subset
+def test_multiple_adapters_and_set_adapter(case):
+    model, base = build(case)
+    # a second GraLoRA adapter with another sub-block rank (3) and the hybrid setting flipped
+    other_h = 2 - case.hybrid_r
+    model.add_adapter("other", case.config(r=3 * case.k + other_h, hybrid_r=other_h))
+    x = case.input()
+    ref_default, ref_other = factors(model, "default"), factors(model, "other")
+    with torch.no_grad():
+        model.set_adapter("other")
+        assert_close(model(x), reference(base, x, ref_other), case)
+        model.set_adapter("default")
+        assert_close(model(x), reference(base, x, ref_default), case)
+        model.base_model.set_adapter(["default", "other"])
+        assert_close(model(x), reference(base, x, ref_default, ref_other), case)
+        model.merge_adapter()
+        assert_weights(base_weights(model), expected_weights(base, ref_default, ref_other), case)
+
+
+@subset
+def test_delete_adapter(case):
+    model, base = build(case)
+    model.add_adapter("other", case.config())
+    model.set_adapter("other")
+    model.delete_adapter("other")
+    assert model.active_adapters == ["default"]
+    for layer in lora_layers(model).values():
+        for attr in ("lora_A", "lora_B", "scaling", "gralora_k", "hybrid_r"):
+            assert "other" not in getattr(layer, attr)
+    assert not any("other" in key for key in model.state_dict())
+    x = case.input()
+    with torch.no_grad():
+        assert_close(model(x), reference(base, x, factors(model)), case)
+
+
+@subset
+def test_mixed_batch_with_base_gralora_and_plain_lora(case):
+    model, base = build(case)
+    model.add_adapter("plain", case.config(use_gralora=False, r=3))
+    names = ["default", "__base__", "plain", "default", "plain"]
+    x = case.input(len(names), 3)
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+    expected = {
+        "default": reference(base, x, factors(model, "default")),
+        "plain": reference(base, x, factors(model, "plain")),
+        "__base__": reference(base, x),
+    }
+    for row, name in enumerate(names):
+        assert_close(mixed[row], expected[name][row], case)
+
+
+@subset
+def test_merge_equals_forward_after_training(case):
+    # the usual init (B = 0), then a few optimizer steps: the merge must use the trained, non-zero blocks
+    model, base = build(case, init_lora_weights=True)
+    x = case.input(8, 3)
+    target = torch.randn(8, 3, 6 if case.k == 3 else 8).to(case.dtype)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = (model(x).float() - target.float()).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    trained = factors(model)
+    assert all(torch.count_nonzero(f.B) == f.B.numel() for f in trained.values())
+    with torch.no_grad():
+        out = model(x)
+        assert_close(out, reference(base, x, trained), case)
+        model.merge_adapter()
+        assert_weights(base_weights(model), expected_weights(base, trained), case)
+        assert_close(model(x), out, case)
+
+
+@subset
+def test_dropout_only_in_train_mode(case):
+    model, base = build(case, lora_dropout=0.5)
+    x = case.input()
+    with torch.no_grad():
+        model.train()
+        first, second = model(x), model(x)
+        model.eval()
+        evaluated = model(x)
+        assert torch.equal(evaluated, model(x))
+    assert not torch.allclose(first, second)
+    assert not torch.allclose(first, evaluated)
+    assert_close(evaluated, reference(base, x, factors(model)), case)
+
+
+@pytest.mark.parametrize("case", [c for c in ALL if c.k == 1], ids=str)
+def test_k1_is_plain_lora(case):
+    gralora, _ = build(case)
+    plain = get_peft_model(case.base(), case.config(use_gralora=False)).eval()
+    plain.load_state_dict(gralora.state_dict())  # same keys: GraLoRA stores LoRA's own weights
+    x = case.input()
+    with torch.no_grad():
+        assert_close(gralora(x), plain(x), case)
+    for name, layer in lora_layers(gralora).items():
+        assert_close(layer.get_delta_weight("default"), lora_layers(plain)[name].get_delta_weight("default"), case)
