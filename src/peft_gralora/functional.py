@@ -93,6 +93,87 @@ def gralora_shape(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid
     return GraloraShape(in_features, out_features, r, k, hybrid_r)
 
 
+def _blocks(t: torch.Tensor, k: int) -> torch.Tensor:
+    """``(N, k * c)`` -> ``(k, N, c)``: the k column blocks of a matrix as a batch, a strided view (no copy)."""
+    return t.unflatten(-1, (k, -1)).transpose(0, 1)
+
+
+def _regroup(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Swap the two block indices of the latent: ``(k_p, N, (q, t)) -> (k_q, N, (p, t))``; its own inverse.
+
+    The one copy of the forward (and of the backward), on the latent only: ``k * g`` numbers per token.
+    """
+    _, n_tok, g = z.shape
+    return z.view(k, n_tok, k, g // k).permute(2, 1, 0, 3).reshape(k, n_tok, g)  # (q, N, p, t) -> (k_q, N, g)
+
+
+def _grid_latent(x2: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
+    """The latent ``u (k_i, N, g)``, row ``i`` = ``[A_i1 x_1; ...; A_ik x_k]``, from ``x2 (N, in)``, ``a (g, in)``."""
+    a_t = a.unflatten(1, (k, -1)).permute(1, 2, 0)  # (g, k_j, n) -> (k_j, n, g): [A_1j; ...; A_kj]^T
+    z = torch.bmm(_blocks(x2, k), a_t)  # (k_j, N, n) @ (k_j, n, g) = (k_j, N, (i, t))
+    return _regroup(z, k)  # (k_i, N, (j, t))
+
+
+class _GraloraGrid(torch.autograd.Function):
+    """The block grid ``y_i = sum_j B_ij A_ij x_j`` on 2-D operands, with a hand-written backward.
+
+    Why not plain autograd: every GEMM here is one strided batched matmul over the k blocks that reads ``x`` and
+    writes ``y`` (and, in backward, ``grad x``) in place through column-block views, so nothing of size
+    ``(N, in)`` or ``(N, out)`` is ever copied; the only copies are of the latent. Autograd of the composed ops
+    instead copies ``y`` and ``grad x`` out of transposed ``(k, N, .)`` layouts. Saved for backward: ``x`` (a view of
+    the caller's input, like LoRA's) and the latent ``u`` ``(k, N, g)``; nothing else.
+
+    Under ``create_graph=True`` the backward rebuilds the latent with recorded ops, so higher-order gradients are
+    exact too.
+    """
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+        # x2 (N, in), a = weight_A[:g] (g, in), b = weight_B[:, :g] (out, g)
+        u = _grid_latent(x2, a, k)  # (k_i, N, g)
+        b_t = b.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, m, g) -> (k_i, g, m): [B_i1 ... B_ik]^T
+        y = u.new_empty(x2.shape[0], b.shape[0])  # (N, out)
+        torch.bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, g) @ (k_i, g, m) -> output block i of y, in place
+        ctx.save_for_backward(x2, a, b, u)
+        ctx.k = k
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x2, a, b, u = ctx.saved_tensors
+        k = ctx.k
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        # create_graph=True: no out= writes (autograd cannot record them) and a latent that is a function of x and A
+        recorded = torch.is_grad_enabled()
+        if recorded:
+            u = _grid_latent(x2, a, k)
+        g_blocks = _blocks(grad_y, k)  # (k_i, N, m)
+        grad_x = grad_a = grad_b = None
+        if need_b:
+            grad_b = torch.bmm(g_blocks.transpose(1, 2), u).reshape(b.shape)  # (k_i, m, N) @ (k_i, N, g) = (out, g)
+        if need_x or need_a:
+            grad_u = torch.bmm(g_blocks, b.unflatten(0, (k, -1)))  # (k_i, N, m) @ (k_i, m, g) = (k_i, N, (j, t))
+            grad_z = _regroup(grad_u, k)  # (k_j, N, (i, t))
+            if need_a:
+                grad_a = torch.bmm(grad_z.transpose(1, 2), _blocks(x2, k))  # (k_j, g, N) @ (k_j, N, n) = (k_j, g, n)
+                grad_a = grad_a.transpose(0, 1).reshape(a.shape)  # (g, k_j, n) = (g, in): a copy of A's size
+            if need_x:
+                a_blocks = a.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, g, n)
+                if recorded:
+                    grad_x = torch.bmm(grad_z, a_blocks).transpose(0, 1).reshape(x2.shape)  # (N, in)
+                else:
+                    grad_x = grad_z.new_empty(x2.shape)  # (N, in)
+                    torch.bmm(grad_z, a_blocks, out=_blocks(grad_x, k))  # (k_j, N, g) @ (k_j, g, n), in place
+        return grad_x, grad_a, grad_b, None
+
+
+def _gralora_grid_composed(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """:class:`_GraloraGrid` in plain differentiable ops, for autocast (whose casts out= writes cannot take)."""
+    u = _grid_latent(x2, a, k)  # (k_i, N, g)
+    y = torch.bmm(u, b.unflatten(0, (k, -1)).transpose(1, 2))  # (k_i, N, g) @ (k_i, g, m) = (k_i, N, m)
+    return y.transpose(0, 1).reshape(x2.shape[0], b.shape[0])  # (N, out)
+
+
 def gralora_forward(
     x: torch.Tensor,
     weight_A: torch.Tensor,
@@ -117,22 +198,19 @@ def gralora_forward(
         Tensor of shape ``(..., out)``.
     """
     shp = gralora_shape(weight_A, weight_B, k, hybrid_r)
-    g, s, n, m = shp.g, shp.s, shp.n, shp.m
+    g = shp.g
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k, n).transpose(0, 1)  # (k_j, N, n): input block j of every token
-    n_tok = x2.shape[1]
-    a_t = weight_A[:g].reshape(g, k, n).permute(1, 2, 0)  # (k_j, n, g): [A_1j; ...; A_kj]^T, rows of g are (i, t)
-    z = torch.matmul(x2, a_t)  # (k_j, N, g): chunk i of row j is A_ij x_j
-    # regroup by output block: u_i = [A_i1 x_1; ...; A_ik x_k]
-    u = z.reshape(k, n_tok, k, s).permute(2, 1, 0, 3).reshape(k, n_tok, g)  # (k_i, N, g) with g ordered (j, t)
-    b_t = weight_B[:, :g].reshape(k, m, g).transpose(1, 2)  # (k_i, g, m): [B_i1 ... B_ik]^T
-    y = torch.matmul(u, b_t)  # (k_i, N, m)
-    y = y.transpose(0, 1).reshape(*lead, shp.out_features)  # (..., out)
+    x2 = x.reshape(-1, shp.in_features)  # (N, in): a view whenever the leading dims of x merge
+    if torch.is_autocast_enabled(x.device.type):
+        y = _gralora_grid_composed(x2, weight_A[:g], weight_B[:, :g], k)  # (N, out)
+    else:
+        y = _GraloraGrid.apply(x2, weight_A[:g], weight_B[:, :g], k)  # (N, out)
     if hybrid_r:
-        y = y + F.linear(F.linear(x, weight_A[g:]), weight_B[:, g:])
+        # (N, out) += (N, h) @ (h, out), accumulated into y in the same GEMM (y is our own fresh tensor)
+        y = y.addmm_(F.linear(x2, weight_A[g:]), weight_B[:, g:].t())
     if bias_B is not None:
         y = y + bias_B
-    return y
+    return y.view(*lead, shp.out_features)  # (..., out)
 
 
 def gralora_delta_weight(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid_r: int) -> torch.Tensor:
