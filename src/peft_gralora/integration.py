@@ -12,7 +12,16 @@ patch point                           why
 ``LoraConfig.to_dict``                writes the three fields only for GraLoRA configs, so plain LoRA adapters saved
                                       with this package installed stay byte-identical for vanilla peft
 ``LoraConfig.__repr__``               shows the three fields of GraLoRA configs
-``lora.Linear.lora_variants``         maps ``("use_gralora",)`` to :class:`GraLoraLinearVariant`
+``lora.Linear.lora_variants``         maps ``("use_gralora",)`` to :class:`GraLoraLinearVariant` and
+                                      ``("use_dora", "use_gralora")`` to :class:`GraLoraDoraLinearVariant`
+``bnb.Linear4bit/8bitLt``             their hand-written resolvers ignore ``use_gralora``: return the GraLoRA (or
+``.resolve_lora_variant``             GraLoRA + DoRA) variant for GraLoRA configs, peft's resolver otherwise
+``bnb.Linear4bit/8bitLt``             same as ``lora.Linear.get_delta_weight``: the GraLoRA delta for GraLoRA
+``.get_delta_weight``                 adapters (the bnb classes override it with plain ``B @ A``)
+``bnb.Linear4bit.merge`` / ``unmerge`` bitsandbytes repacks 4-bit weights for its CPU kernel on eval forwards, after
+                                      which ``dequantize_4bit`` returns garbage: undo the packing correctly first
+                                      (:mod:`peft_gralora.quant`), then peft's merge. Fixes plain LoRA / DoRA merges
+                                      too; a no-op for weights that were never packed
 ``lora.Linear.get_delta_weight``      returns the GraLoRA delta for GraLoRA adapters (DoRA merges, SVD weighted
                                       adapters, ``convert_to_lora``, intruder reduction all call it)
 ``LoraModel._create_and_replace``     refuses, before anything changes, modules GraLoRA cannot adapt: wrong shape
@@ -39,6 +48,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from .config import GRALORA_FIELDS, validate_gralora_config, validate_gralora_layer
+from .dora import GraLoraDoraLinearVariant
+from .quant import restore_canonical_4bit_
 from .variant import GraLoraLinearVariant, gralora_delta, is_gralora_adapter
 
 __all__ = [
@@ -90,6 +101,20 @@ def _peft_targets() -> dict[str, Any]:
     from peft.tuners.lora import layer as lora_layer
 
     return {"LoraConfig": LoraConfig, "LoraModel": LoraModel, "Linear": lora_layer.Linear}
+
+
+def _bnb_targets() -> dict[str, type]:
+    """peft's bitsandbytes LoRA layers that exist in this environment (none without bitsandbytes)."""
+    from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+    found = {}
+    if is_bnb_available():
+        from peft.tuners.lora import bnb as lora_bnb
+
+        found["Linear8bitLt"] = lora_bnb.Linear8bitLt
+        if is_bnb_4bit_available():
+            found["Linear4bit"] = lora_bnb.Linear4bit
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,6 +194,7 @@ def _make_lora_variants(original: property) -> property:
     def lora_variants(self) -> dict:
         table = dict(original.fget(self))
         table[("use_gralora",)] = GraLoraLinearVariant
+        table[("use_dora", "use_gralora")] = GraLoraDoraLinearVariant
         return table
 
     return property(lora_variants, doc=original.__doc__)
@@ -184,9 +210,32 @@ def _make_get_delta_weight(original: Callable) -> Callable:
     return get_delta_weight
 
 
+def _make_bnb_resolve_lora_variant(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def resolve_lora_variant(self, *, config: Any, **kwargs: Any):
+        if getattr(config, "use_gralora", False):
+            # other variants next to use_gralora are refused at config time; DoRA is the one combination
+            return GraLoraDoraLinearVariant() if config.use_dora else GraLoraLinearVariant()
+        return original(self, config=config, **kwargs)
+
+    return resolve_lora_variant
+
+
+def _make_restore_4bit_first(original: Callable) -> Callable:
+    """Wrap ``bnb.Linear4bit.merge`` / ``unmerge``: put a CPU-packed base weight back into bitsandbytes' canonical
+    layout before peft dequantizes it (it is re-quantized by the merge anyway)."""
+
+    @functools.wraps(original)
+    def merge_or_unmerge(self, *args: Any, **kwargs: Any):
+        restore_canonical_4bit_(self.get_base_layer().weight)
+        return original(self, *args, **kwargs)
+
+    return merge_or_unmerge
+
+
 def _gralora_layer_classes() -> tuple[type, ...]:
     """LoRA layer classes whose GraLoRA support is implemented and tested (exact types, not subclasses)."""
-    return (_peft_targets()["Linear"],)
+    return (_peft_targets()["Linear"], *_bnb_targets().values())
 
 
 def _unsupported_layer_error(layer: Any, module_name: str) -> ValueError:
@@ -195,8 +244,8 @@ def _unsupported_layer_error(layer: Any, module_name: str) -> ValueError:
     return ValueError(
         f"use_gralora=True cannot adapt module {module_name!r}: its layer type {type(base).__name__} becomes "
         f"{type(layer).__name__}, which has no GraLoRA implementation (supported LoRA layers: {supported}, i.e. "
-        "torch.nn.Linear and transformers Conv1D). Remove the module from target_modules (or use "
-        "exclude_modules), or set use_gralora=False for plain LoRA."
+        "torch.nn.Linear, transformers Conv1D and bitsandbytes 4-bit / 8-bit Linear). Remove the module from "
+        "target_modules (or use exclude_modules), or set use_gralora=False for plain LoRA."
     )
 
 
@@ -340,6 +389,8 @@ def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for every patched attribute (fields aside)."""
     t = _peft_targets()
     cfg, model, linear = t["LoraConfig"], t["LoraModel"], t["Linear"]
+    bnb = _bnb_targets()
+    bnb_4bit = [bnb["Linear4bit"]] if "Linear4bit" in bnb else []
     defaults = {name: (lambda _orig, d=default: d) for name, (_, default, _) in GRALORA_FIELDS.items()}
     return [
         (cfg, "__init__", _make_config_init),
@@ -348,6 +399,9 @@ def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
         *[(cfg, name, make) for name, make in defaults.items()],
         (linear, "lora_variants", _make_lora_variants),
         (linear, "get_delta_weight", _make_get_delta_weight),
+        *[(bnb_cls, "resolve_lora_variant", _make_bnb_resolve_lora_variant) for bnb_cls in bnb.values()],
+        *[(bnb_cls, "get_delta_weight", _make_get_delta_weight) for bnb_cls in bnb.values()],
+        *[(bnb4, attr, _make_restore_4bit_first) for bnb4 in bnb_4bit for attr in ("merge", "unmerge")],
         (model, "_create_and_replace", _make_create_and_replace),
         (model, "_create_new_module", _make_create_new_module),
         (model, "inject_adapter", _make_inject_adapter),
