@@ -66,6 +66,13 @@ VARIANT_CASES = [
         ),
     ),
 ]
+VARIANT_CASES.append(
+    Case(
+        "mlp-dora-hybrid",
+        "mlp",
+        dict(r=6, lora_alpha=8, gralora_k=2, hybrid_r=2, use_dora=True, target_modules=["lin0"]),
+    )
+)
 UPSTREAM_REPRESENTABLE = ["mlp-k2", "conv1d-k4", "mlp-k4-modules_to_save-biasall"]
 
 UPSTREAM_CASES = [
@@ -321,7 +328,8 @@ ERROR_CASES = [
         "rank_pattern/alpha_pattern",
     ),
     ("exclude-to-upstream", "mlp-k2", lambda d: _edit_config(d, exclude_modules=["x"]), "upstream", "exclude_modules"),
-    ("dora", "mlp-k2", lambda d: _edit_config(d, use_dora=True), "export", "use_dora"),
+    ("dora-without-magnitude", "mlp-k2", lambda d: _edit_config(d, use_dora=True), "export", "use_dora=True in"),
+    ("dora-to-upstream", "mlp-dora-hybrid", None, "upstream", "use_dora=True cannot be represented"),
     ("unknown-upstream-field", "up-mlp-k2", lambda d: _edit_config(d, future_option=3), "variant", "future_option"),
     ("upstream-bad-r", "up-mlp-k2", lambda d: _edit_config(d, r=3), "variant", "Invalid upstream"),
     ("rank-mismatch", "mlp-k2", lambda d: _edit_config(d, r=6), "export", "Shape mismatch"),
@@ -345,9 +353,7 @@ ERROR_CASES = [
     (
         "unsupported-key",
         "mlp-k2",
-        lambda d: _edit_tensors(
-            d, lambda t: t.update({"base_model.model.lin0.lora_magnitude_vector": torch.ones(24)})
-        ),
+        lambda d: _edit_tensors(d, lambda t: t.update({"base_model.model.lin0.lora_embedding_A": torch.ones(2, 24)})),
         "export",
         "Unsupported weight",
     ),

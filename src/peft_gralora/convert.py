@@ -8,7 +8,8 @@ type                adapter_config.json                                       we
 ==================  ========================================================  ======================================
 ``gralora``         ``peft_type: LORA``, ``use_gralora: true``                ``lora_A.weight (r, in)``,
                                                                               ``lora_B.weight (out, r)``
-                                                                              [, ``lora_B.bias (out,)``]
+                                                                              [, ``lora_B.bias (out,)``,
+                                                                              ``lora_magnitude_vector (out,)``]
 ``gralora-upstream``  ``peft_type: GRALORA`` (peft's own ``GraloraConfig``)   ``gralora_A (k, in/k, g)``,
                                                                               ``gralora_B (k, g, out/k)``
                                                                               [, ``gralora_{A,B}_general.weight``]
@@ -51,7 +52,13 @@ BIN_NAME = "adapter_model.bin"
 MODEL_PREFIX = "base_model.model."
 
 # per-module weight keys (suffixes after the module name)
-_VARIANT_KEYS = {"A": ".lora_A.weight", "B": ".lora_B.weight", "bias": ".lora_B.bias"}
+_VARIANT_KEYS = {
+    "A": ".lora_A.weight",
+    "B": ".lora_B.weight",
+    "bias": ".lora_B.bias",
+    # DoRA's magnitude (use_dora=True); peft saves it without DoRA's ".weight"
+    "magnitude": ".lora_magnitude_vector",
+}
 _UPSTREAM_KEYS = {
     "A": ".gralora_A",
     "B": ".gralora_B",
@@ -253,7 +260,7 @@ def _split_modules(
             if segment.search(key):
                 raise AdapterConversionError(
                     f"Unsupported weight {key!r} in a {kind} adapter: only {sorted(suffixes.values())} are "
-                    "understood (DoRA, embeddings and other LoRA options cannot be converted)."
+                    "understood (embedding adapters and other LoRA options cannot be converted)."
                 )
             rest[key] = tensor
     for name, parts in modules.items():
@@ -294,8 +301,7 @@ def _variant_modules(
     cfg = adapter.config
     k, h, r = _int_field(cfg, "gralora_k", 2), _int_field(cfg, "hybrid_r", 0), _int_field(cfg, "r", 8)
     alpha = cfg.get("lora_alpha", 8)
-    if cfg.get("use_dora"):
-        raise AdapterConversionError("use_dora=True adapters are not supported by the converter (DoRA magnitudes).")
+    dora = bool(cfg.get("use_dora", False))
     modules, rest = _split_modules(adapter.tensors, _VARIANT_KEYS, _VARIANT_SEGMENT, "GraLoRA")
     ranks: dict[str, tuple[int, float]] = {}
     for name, parts in modules.items():
@@ -312,11 +318,17 @@ def _variant_modules(
             gralora_shape(weight_A, weight_B, k, h)
         except ValueError as exc:
             raise AdapterConversionError(f"Shape mismatch in module {name!r}: {exc}") from exc
-        bias = parts.get("bias")
-        if bias is not None and tuple(bias.shape) != (weight_B.shape[0],):
+        for part in ("bias", "magnitude"):
+            vector = parts.get(part)
+            if vector is not None and tuple(vector.shape) != (weight_B.shape[0],):
+                raise AdapterConversionError(
+                    f"Shape mismatch in module {name!r}: {_VARIANT_KEYS[part][1:]} has shape {tuple(vector.shape)}, "
+                    f"expected ({weight_B.shape[0]},)."
+                )
+        if ("magnitude" in parts) != dora:
             raise AdapterConversionError(
-                f"Shape mismatch in module {name!r}: lora_B.bias has shape {tuple(bias.shape)}, expected "
-                f"({weight_B.shape[0]},)."
+                f"Module {name!r}: use_dora={dora} in the config, but its DoRA magnitude (lora_magnitude_vector) is "
+                f"{'present' if 'magnitude' in parts else 'missing'}."
             )
         ranks[name] = (r_mod, alpha_mod)
     return modules, rest, ranks
@@ -461,9 +473,11 @@ def _plain_lora(adapter: _Adapter) -> tuple[dict[str, Any], dict[str, torch.Tens
         weight_A, weight_B = export_lora_factors(parts["A"], parts["B"], k, h)
         tensors[name + _VARIANT_KEYS["A"]] = weight_A
         tensors[name + _VARIANT_KEYS["B"]] = weight_B
-        if "bias" in parts:
-            # lora_B's bias sits inside lora_B in both forms, so it gets the same scaling: unchanged
-            tensors[name + _VARIANT_KEYS["bias"]] = parts["bias"]
+        # lora_B's bias sits inside lora_B in both forms, so it gets the same scaling: unchanged. DoRA's magnitude
+        # divides by the row norms of W + scaling * B @ A, which the exact factors leave unchanged: unchanged too.
+        for part in ("bias", "magnitude"):
+            if part in parts:
+                tensors[name + _VARIANT_KEYS[part]] = parts[part]
         rank_mod, alpha_mod = exported(*ranks[name])
         if rank_mod != weight_A.shape[0]:  # the export's rank is k*g + h by construction; a cheap guard
             raise AdapterConversionError(f"Internal error: module {name!r} exported to rank {weight_A.shape[0]}.")
@@ -497,9 +511,11 @@ def export_lora(
     Each module of rank ``r`` becomes a plain LoRA module of rank ``k * (r - hybrid_r) + hybrid_r`` whose
     ``lora_B @ lora_A`` equals the GraLoRA delta (block-diagonal factors and a permutation, DESIGN.md "Exact export").
     The scaling is folded into ``lora_alpha`` (and per-module ``alpha_pattern`` / ``rank_pattern`` entries when
-    modules differ), with ``use_rslora=False``. Everything else in the config and the state dict (target_modules,
-    modules_to_save weights, learnable biases, ``lora_bias``, task type, base model name, ...) is kept. The result
-    loads in plain peft, without this package. Upstream ``GraloraConfig`` adapters are accepted too.
+    modules differ), with ``use_rslora=False``. GraLoRA+DoRA becomes plain DoRA with the same magnitudes (the row
+    norms of ``W + scaling * B @ A`` do not change with exact factors). Everything else in the config and the state
+    dict (target_modules, modules_to_save weights, learnable biases, ``lora_bias``, task type, base model name, ...)
+    is kept. The result loads in plain peft, without this package. Upstream ``GraloraConfig`` adapters are accepted
+    too.
 
     Args:
         src_dir: a saved GraLoRA adapter directory (``LoraConfig(use_gralora=True)`` or upstream ``GraloraConfig``).
