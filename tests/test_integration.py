@@ -157,12 +157,11 @@ def test_install_under_unsupported_version_patches_nothing(pristine):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def run_python(code: str, **env_extra: str) -> subprocess.CompletedProcess:
+def run_python(code: str, *args: str, **env_extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PEFT_GRALORA_DISABLE"}
     env.update(env_extra)
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    command = [sys.executable, "-c", textwrap.dedent(code), *args]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -239,7 +238,7 @@ torch.save({"logits": logits, "state": state, "fields": (cfg.use_gralora, cfg.gr
 @pytest.fixture(scope="module")
 def saved_in_fresh_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("fresh")
-    proc = run_python(SAVE_SCRIPT.replace("sys.argv[1]", repr(str(out))))
+    proc = run_python(SAVE_SCRIPT, str(out))
     return out, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -254,7 +253,7 @@ def test_fresh_interpreter_plain_peft_import(saved_in_fresh_process):
 
 def test_adapter_reloads_bit_exactly_in_another_process(saved_in_fresh_process):
     out, _ = saved_in_fresh_process
-    run_python(LOAD_SCRIPT.replace("sys.argv[1]", repr(str(out))))
+    run_python(LOAD_SCRIPT, str(out))
     expected = torch.load(out / "expected.pt")
     loaded = torch.load(out / "loaded.pt")
     assert loaded["fields"] == (True, 2, 2)
