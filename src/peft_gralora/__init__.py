@@ -21,6 +21,7 @@ _LAZY = {
     "export_lora": "convert",
     "convert_adapter": "convert",
     "adapter_info": "convert",
+    "AdapterConversionError": "convert",
 }
 
 __all__ = ["__version__", *_LAZY]
