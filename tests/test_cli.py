@@ -88,3 +88,13 @@ def test_usage_error_exit_code(adapter, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["convert", str(adapter), str(tmp_path / "dst")])  # --to is required
     assert exc.value.code == 2
+
+
+def test_info_text(adapter, capsys):
+    from peft_gralora.cli import main
+
+    assert main(["info", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert "gralora adapter (peft_type LORA)" in out
+    assert "r=6, gralora_k=2, hybrid_r=2" in out
+    assert "lin0: 16 -> 24, r=6, effective rank 10" in out and "lin1: 24 -> 8, r=6, effective rank 8" in out
