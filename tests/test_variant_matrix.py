@@ -82,7 +82,8 @@ class Case:
     def tol(self) -> dict:
         if self.dtype == torch.float32:
             return dict(atol=1e-5, rtol=1e-5)
-        return dict(atol=4e-2, rtol=4e-2)
+        # bf16 base layers (eps 2^-8 = 3.9e-3) round every activation and merged weight: a few eps through 2 layers
+        return dict(atol=2e-2, rtol=2e-2)
 
     def __str__(self) -> str:
         flags = [f"k{self.k}", "hyb" if self.hybrid else "pure", self.arch, str(self.dtype).removeprefix("torch.")]
