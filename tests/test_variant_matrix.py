@@ -82,7 +82,7 @@ class Case:
     def tol(self) -> dict:
         if self.dtype == torch.float32:
             return dict(atol=1e-5, rtol=1e-5)
-        # bf16 base layers (eps 2^-8 = 3.9e-3) round every activation and merged weight: a few eps through 2 layers
+        # bf16 base layers (unit roundoff 3.9e-3) round every activation and merged weight: a few ulps over 2 layers
         return dict(atol=2e-2, rtol=2e-2)
 
     def __str__(self) -> str:
