@@ -29,6 +29,7 @@ from peft_gralora.quant import dequantize_base_weight, is_cpu_packed_4bit  # noq
 from peft_gralora.variant import GraLoraLinearVariant  # noqa: E402
 
 from .models import tiny_llama  # noqa: E402
+from .reference import dense_delta  # noqa: E402
 
 # every feature size a multiple of 64 (bitsandbytes' 4-bit block) and of 32 (its CPU tile): the repack needs both
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1)
@@ -119,26 +120,38 @@ def _force_packed(model) -> None:
     assert all(is_cpu_packed_4bit(m.weight) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
 
 
+def _requant_weight(w: torch.Tensor, quant: str) -> torch.Tensor:
+    """``w`` quantized and dequantized once, as bitsandbytes stores it for ``quant``."""
+    if quant == "int8":
+        scale = w.abs().amax(dim=1, keepdim=True) / 127
+        return torch.round(w / scale) * scale
+    spec = QUANT[quant]
+    q, state = bnbf.quantize_4bit(
+        w,
+        blocksize=64,
+        quant_type=spec["bnb_4bit_quant_type"],
+        compress_statistics=spec.get("bnb_4bit_use_double_quant", False),
+    )
+    return bnbf.dequantize_4bit(q, state)
+
+
 def _requantized(model, quant: str):
     """The quantization floor: ``model`` (fp32) with every adapted weight quantized and dequantized once."""
     model = copy.deepcopy(model)
     for name, module in model.named_modules():
-        if type(module) is not torch.nn.Linear or name.endswith("lm_head"):
-            continue
-        w = module.weight.data
-        if quant == "int8":
-            scale = w.abs().amax(dim=1, keepdim=True) / 127
-            module.weight.data = torch.round(w / scale) * scale
-        else:
-            spec = QUANT[quant]
-            q, state = bnbf.quantize_4bit(
-                w,
-                blocksize=64,
-                quant_type=spec["bnb_4bit_quant_type"],
-                compress_statistics=spec.get("bnb_4bit_use_double_quant", False),
-            )
-            module.weight.data = bnbf.dequantize_4bit(q, state)
+        if type(module) is torch.nn.Linear and not name.endswith("lm_head"):
+            module.weight.data = _requant_weight(module.weight.data, quant)
     return model
+
+
+def _assert_merged_weights_near_exact(qmodel, exact, quant: str) -> None:
+    """Layer by layer: the merged quantized weight is as close to the exact fp32 merge as re-quantizing it is."""
+    for name, module in qmodel.base_model.model.named_modules():
+        if isinstance(module, (lora_bnb.Linear4bit, lora_bnb.Linear8bitLt)):
+            want = exact.get_submodule(name).weight.data
+            err = _rel(dequantize_base_weight(module.get_base_layer()).float(), want)
+            floor = _rel(_requant_weight(want, quant), want)
+            assert err <= 1.1 * floor + 1e-3, (name, err, floor)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -154,6 +167,15 @@ def test_resolves_to_gralora_with_loras_parameter_count(base_dir, quant):
     plain = get_peft_model(_quantized(base_dir, quant), _lora())
     assert not any(m.lora_variant for m in _bnb_layers(plain))  # plain LoRA stays plain
     assert trainable == sum(p.numel() for p in plain.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_get_delta_weight_is_the_gralora_block_formula(base_dir, quant):
+    model = get_peft_model(_quantized(base_dir, quant), _gralora())
+    for layer in _bnb_layers(model):
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        expected = dense_delta(a, b, 2, 2) * layer.scaling["default"]
+        torch.testing.assert_close(layer.get_delta_weight("default").double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("quant", list(QUANT))
@@ -258,6 +280,7 @@ def test_merge_within_requantization_error_of_exact_merge(base_dir, quant, layou
     if layout == "packed":
         _force_packed(qmodel)
     qmodel.merge_adapter()
+    _assert_merged_weights_near_exact(qmodel, exact, quant)
     merged_err = _rel(_logits(qmodel), _logits(exact))
     assert merged_err <= 1.25 * floor + 1e-3, (merged_err, floor)
     qmodel.unmerge_adapter()  # re-quantizes once more

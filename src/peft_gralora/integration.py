@@ -241,12 +241,26 @@ def _gralora_layer_classes() -> tuple[type, ...]:
 def _unsupported_layer_error(layer: Any, module_name: str) -> ValueError:
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
     supported = ", ".join(f"lora.{c.__name__}" for c in _gralora_layer_classes())
+    becomes = f" (LoRA layer {type(layer).__name__})" if layer is not base else ""
     return ValueError(
-        f"use_gralora=True cannot adapt module {module_name!r}: its layer type {type(base).__name__} becomes "
-        f"{type(layer).__name__}, which has no GraLoRA implementation (supported LoRA layers: {supported}, i.e. "
-        "torch.nn.Linear, transformers Conv1D and bitsandbytes 4-bit / 8-bit Linear). Remove the module from "
-        "target_modules (or use exclude_modules), or set use_gralora=False for plain LoRA."
+        f"use_gralora=True cannot adapt module {module_name!r}: its layer type {type(base).__name__}{becomes} has "
+        f"no GraLoRA implementation (supported LoRA layers: {supported}, i.e. torch.nn.Linear, transformers Conv1D "
+        "and bitsandbytes 4-bit / 8-bit Linear). Remove the module from target_modules (or use exclude_modules), or "
+        "set use_gralora=False for plain LoRA."
     )
+
+
+def _may_hold_gralora(base: Any) -> bool:
+    """Whether a base layer is of a kind GraLoRA can adapt (checked before peft dispatches it, so that a layer's own
+    errors, e.g. "does not support DoRA", do not hide the real reason). ``nn.Linear`` subclasses that a third-party
+    dispatcher claims are caught after dispatch by type."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    # torchao keeps nn.Linear but swaps the weight for a quantized tensor subclass (peft checks it the same way)
+    if type(getattr(base, "weight", None)).__module__.startswith("torchao."):
+        return False
+    return isinstance(base, (nn.Linear, Conv1D))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,6 +305,9 @@ def _make_create_new_module(original: Callable) -> Callable:
         if not getattr(lora_config, "use_gralora", False):
             return original(lora_config, adapter_name, target, **kwargs)
         name = kwargs.get("target_name", "<unknown>")
+        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+        if not _may_hold_gralora(base):
+            raise _unsupported_layer_error(base, name)
         try:
             new_module = original(lora_config, adapter_name, target, **kwargs)
         except ValueError as exc:
