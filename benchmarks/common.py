@@ -1,0 +1,174 @@
+"""Shared helpers of the benchmarks: adapter configs, interleaved timing, memory measurement, result files.
+
+Memory is measured two ways, both of which really see torch's CPU tensors (tracemalloc does not):
+
+- ``peak_alloc_bytes``: torch.profiler(profile_memory=True) records every CPU allocation and free of the
+  measured region; the peak of their running sum is the peak of extra tensor memory the region needed.
+- ``saved_bytes``: what autograd keeps for backward, from ``torch.autograd.graph.saved_tensors_hooks``
+  (distinct storages, parameters excluded).
+
+The model benchmark adds the peak RSS of a fresh subprocess (``resource.getrusage``) as an end-to-end check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+METHODS = ("lora", "gralora", "upstream")
+
+
+def peft_config(method: str, r: int, k: int, hybrid_r: int, target_modules: Any, alpha: float | None = None):
+    """The peft config of one method at the same total rank ``r`` and the same scaling (``alpha / r``).
+
+    ``lora``: plain LoRA of rank r. ``gralora``: this package (``LoraConfig(use_gralora=True)``), total rank r of
+    which ``hybrid_r`` is the plain branch. ``upstream``: peft's own ``GraloraConfig`` with ``r = r - hybrid_r``
+    (upstream's r excludes the hybrid part) and the same ``alpha``, hence the same scaling.
+    """
+    from peft import GraloraConfig, LoraConfig
+
+    alpha = 2 * r if alpha is None else alpha
+    if method == "lora":
+        return LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0)
+    if method == "gralora":
+        return LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=target_modules,
+            lora_dropout=0.0,
+            use_gralora=True,
+            gralora_k=k,
+            hybrid_r=hybrid_r,
+        )
+    if method == "upstream":
+        return GraloraConfig(
+            r=r - hybrid_r, hybrid_r=hybrid_r, alpha=alpha, gralora_k=k, target_modules=target_modules
+        )
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every adapter weight (LoRA's zero B included) small random values, so no path is trivially zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * 0.02)
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run every function once per round, in a rotating order, ``rounds`` times; seconds per call and name.
+
+    Interleaving puts all methods under the same background load; the rotation spreads any first-in-round effect.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: dict[str, list[float]], base: str = "lora") -> dict[str, Any]:
+    """Median seconds per method and median per-round ratios to ``base`` (and gralora / upstream)."""
+    out: dict[str, Any] = {"median_s": {m: statistics.median(v) for m, v in times.items()}, "rounds": len(times[base])}
+    for m, v in times.items():
+        if m != base:
+            out[f"{m}/{base}"] = statistics.median(a / b for a, b in zip(v, times[base], strict=True))
+    if "gralora" in times and "upstream" in times:
+        out["gralora/upstream"] = statistics.median(
+            a / b for a, b in zip(times["gralora"], times["upstream"], strict=True)
+        )
+    return out
+
+
+def peak_alloc_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of extra CPU tensor bytes live while ``fn`` runs, from torch.profiler's allocation events."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and str(node.extra_fields.device).startswith("cpu"):
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    events.sort()
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def saved_bytes(fn: Callable[[], Any], exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` builds its graph.
+
+    ``fn`` must return the graph's output (kept alive until counted). Storages of ``exclude`` (the parameters, which
+    live anyway) are not counted.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import peft
+    import transformers
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "loadavg_at_start": load,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_json(name: str, payload: dict[str, Any], out_dir: Path = RESULTS_DIR) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def fmt_mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.1f}"

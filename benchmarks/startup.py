@@ -1,0 +1,126 @@
+"""The cost of activation: interpreter start-up with the ``.pth`` hook on and off, and ``import peft`` with and
+without the install that the hook triggers.
+
+Wall time of fresh interpreters (``subprocess``), the two settings alternated run by run, medians; plus Python's own
+``-X importtime`` figure for the hook module, which is immune to the machine's background load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+def _env(disabled: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PEFT_GRALORA_DISABLE", None)
+    if disabled:
+        env["PEFT_GRALORA_DISABLE"] = "1"
+    return env
+
+
+def _wall(code: str, disabled: bool) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], env=_env(disabled), check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def paired_walls(code: str, repeats: int) -> dict[str, Any]:
+    """Median wall seconds of ``python -c code`` with the hook on / off, alternating; median of paired differences."""
+    on: list[float] = []
+    off: list[float] = []
+    _wall(code, False)
+    _wall(code, True)
+    for i in range(repeats):
+        if i % 2:
+            on.append(_wall(code, False))
+            off.append(_wall(code, True))
+        else:
+            off.append(_wall(code, True))
+            on.append(_wall(code, False))
+    diffs = [a - b for a, b in zip(on, off, strict=True)]
+    return {
+        "repeats": repeats,
+        "median_on_ms": 1e3 * statistics.median(on),
+        "median_off_ms": 1e3 * statistics.median(off),
+        "median_paired_diff_ms": 1e3 * statistics.median(diffs),
+        "min_on_ms": 1e3 * min(on),
+        "min_off_ms": 1e3 * min(off),
+        "min_diff_ms": 1e3 * (min(on) - min(off)),
+    }
+
+
+_IMPORTTIME = re.compile(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|(\s*)(\S+)")
+
+
+def importtime_us(code: str, module: str, repeats: int, disabled: bool = False) -> dict[str, Any]:
+    """Median self / cumulative microseconds Python's ``-X importtime`` reports for ``module``."""
+    selfs: list[int] = []
+    cums: list[int] = []
+    for _ in range(repeats):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", code],
+            env=_env(disabled),
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        for line in proc.stderr.splitlines():
+            match = _IMPORTTIME.match(line)
+            if match and match.group(4) == module:
+                selfs.append(int(match.group(1)))
+                cums.append(int(match.group(2)))
+    if not cums:
+        return {"module": module, "found": False}
+    return {
+        "module": module,
+        "found": True,
+        "median_self_us": statistics.median(selfs),
+        "median_cumulative_us": statistics.median(cums),
+        "repeats": len(cums),
+    }
+
+
+def bench_startup(repeats: int = 40, peft_repeats: int = 10, log=print) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    result["bare_interpreter"] = paired_walls("pass", repeats)
+    result["hook_importtime"] = importtime_us("pass", "peft_gralora._hook", max(5, repeats // 4))
+    log(
+        f"[startup] `python -c pass`: on {result['bare_interpreter']['median_on_ms']:.1f} ms, off "
+        f"{result['bare_interpreter']['median_off_ms']:.1f} ms, paired diff "
+        f"{result['bare_interpreter']['median_paired_diff_ms']:.2f} ms; -X importtime of the hook: "
+        f"{result['hook_importtime'].get('median_cumulative_us', float('nan')):.0f} us"
+    )
+    result["import_peft"] = paired_walls("import peft", peft_repeats)
+    result["install_importtime"] = importtime_us("import peft", "peft_gralora.integration", max(3, peft_repeats // 2))
+    log(
+        f"[startup] `import peft`: on {result['import_peft']['median_on_ms']:.0f} ms, off "
+        f"{result['import_peft']['median_off_ms']:.0f} ms, paired diff "
+        f"{result['import_peft']['median_paired_diff_ms']:.1f} ms"
+    )
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    bare = result["bare_interpreter"]
+    peft = result["import_peft"]
+    hook = result["hook_importtime"]
+    inst = result.get("install_importtime", {})
+    return (
+        "| measurement | hook on | hook off (`PEFT_GRALORA_DISABLE=1`) | cost of the hook |\n"
+        "|---|---|---|---|\n"
+        f"| `python -c pass`, wall, median of {bare['repeats']} | {bare['median_on_ms']:.1f} ms | "
+        f"{bare['median_off_ms']:.1f} ms | {bare['median_paired_diff_ms']:.2f} ms (paired median) |\n"
+        f"| `python -X importtime -c pass`: `peft_gralora._hook` | "
+        f"{hook.get('median_cumulative_us', float('nan')):.0f} us | not imported | "
+        f"{hook.get('median_cumulative_us', float('nan')) / 1e3:.2f} ms |\n"
+        f"| `python -c 'import peft'`, wall, median of {peft['repeats']} | {peft['median_on_ms']:.0f} ms | "
+        f"{peft['median_off_ms']:.0f} ms | {peft['median_paired_diff_ms']:.1f} ms (paired median) |\n"
+        f"| `-X importtime -c 'import peft'`: `peft_gralora.integration` | "
+        f"{inst.get('median_cumulative_us', float('nan')) / 1e3:.1f} ms | not imported | |\n"
+    )

@@ -1,0 +1,109 @@
+"""The benchmark code itself, on tiny shapes: it runs, its fields are sane, its memory probes see real tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import layer, quality, run, startup
+from benchmarks.common import interleaved_times, peak_alloc_bytes, saved_bytes, summarize
+
+
+def test_layer_case_runs_on_a_tiny_shape():
+    res = layer.bench_case(64, 32, 8, 2, hybrid=1, rounds=3, time_budget_s=1.0)
+    assert (res["d"], res["tokens"], res["r"], res["k"], res["hybrid_r"]) == (64, 32, 8, 2, 2)
+    assert set(res["median_ms"]) == {"lora", "gralora", "upstream"}
+    assert res["rounds"] == 3
+    for key in ("gralora/lora", "upstream/lora", "gralora/upstream", "peak gralora/lora"):
+        assert math.isfinite(res[key]) and res[key] > 0
+    # backward keeps at least the input x (32 x 64 fp32) for the adapter's weight gradient
+    assert all(v >= 32 * 64 * 4 for v in res["saved_bytes"].values())
+    assert all(v > 0 for v in res["peak_bytes"].values())
+    md = layer.markdown([res])
+    assert md.count("\n") == 3 and "| 64 | 32 | 8 | 2 | 2 |" in md
+    summ = layer.summary([res])
+    assert summ["r<=64"]["gralora/lora"]["n"] == 1
+
+
+def test_the_three_methods_compute_the_same_layer():
+    """Same base weight and same rank: with every adapter B zeroed all three are the base layer."""
+    models = layer.build_models(16, 4, 2, 0)
+    x = torch.randn(3, 16)
+    outs = []
+    for model in models.values():
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name or "gralora_B" in name:
+                    p.zero_()
+            outs.append(model(x))
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[2])
+
+
+def test_memory_probes_see_torch_tensors():
+    def make() -> torch.Tensor:
+        a = torch.empty(256, 1024)  # 1 MiB, freed before b is made
+        del a
+        b = torch.empty(512, 1024)  # 2 MiB
+        return b.sum()
+
+    peak = peak_alloc_bytes(make)
+    assert 2 * 2**20 <= peak < 3 * 2**20
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(128, 64)
+    assert saved_bytes(lambda: (x @ w).sum(), exclude=[w]) == x.numel() * 4
+
+
+def test_interleaved_timing_and_ratios():
+    times = interleaved_times({"lora": lambda: None, "gralora": lambda: None, "upstream": lambda: None}, rounds=4)
+    assert all(len(v) == 4 for v in times.values())
+    summ = summarize({"lora": [1.0, 2.0, 4.0], "gralora": [1.1, 2.2, 4.0], "upstream": [2.0, 4.0, 8.0]})
+    assert summ["gralora/lora"] == pytest.approx(1.1)
+    assert summ["upstream/lora"] == pytest.approx(2.0)
+    assert summ["gralora/upstream"] == pytest.approx(0.55)
+
+
+def test_importtime_parser_finds_a_module():
+    res = startup.importtime_us("import json", "json", repeats=1)
+    assert res["found"] and res["median_cumulative_us"] > 0
+
+
+def test_run_rejects_unknown_parts():
+    with pytest.raises(SystemExit, match="unknown part"):
+        run.main(["--only", "nonsense"])
+
+
+def test_quality_helpers():
+    assert quality.k_for_rank(32) == 2 and quality.k_for_rank(64) == 4
+    cfg = quality.config_for("hybrid", 64)
+    assert (cfg.r, cfg.gralora_k, cfg.hybrid_r, cfg.lora_alpha) == (64, 4, 16, 128)
+    assert quality.lr_at(0, 10, 1.0, 2) == pytest.approx(0.5)
+    assert quality.lr_at(2, 10, 1.0, 2) == pytest.approx(1.0)
+    assert quality.lr_at(10, 10, 1.0, 2) == pytest.approx(0.0, abs=1e-12)
+    batch = quality.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_response_loss_scores_only_response_tokens():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    batch = quality.collate([{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}], 0)
+    loss, n, correct = quality.response_loss(lm, batch)
+    full = lm(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert n == 2 and 0 <= correct <= 2
+    torch.testing.assert_close(loss, full)
