@@ -319,6 +319,20 @@ def test_real_eval_forward_repacks_and_merge_stays_right(base_dir):
     assert _rel(_logits(qmodel.merge_and_unload()), _logits(exact)) <= 1.25 * floor + 1e-3
 
 
+@pytest.mark.skipif(not bnbf.has_avx512bf16(), reason="bitsandbytes repacks only on CPUs with AVX512-BF16")
+@pytest.mark.parametrize("use_gralora", [False, True], ids=["plain-DoRA", "GraLoRA-DoRA"])
+def test_dora_eval_forward_reads_the_repacked_weight_correctly(base_dir, use_gralora):
+    """DoRA dequantizes the base weight in its forward; after bitsandbytes' repack that must still be W."""
+    cfg = _gralora(use_dora=True) if use_gralora else _lora(use_dora=True)
+    qmodel, ref = _pair(base_dir, "nf4", cfg)
+    qmodel.eval()
+    err = _rel(_logits(qmodel), _logits(ref))
+    assert all(is_cpu_packed_4bit(m.weight) for m in qmodel.modules() if isinstance(m, bnb.nn.Linear4bit))
+    lora_q, lora_ref = _pair(base_dir, "nf4", _lora())
+    lora_q.eval()
+    assert err <= 2 * _rel(_logits(lora_q), _logits(lora_ref)) + 1e-4  # the packed bf16 kernel's own error
+
+
 @pytest.mark.parametrize("quant", ["nf4-dq", "int8"])
 def test_gralora_dora_on_quantized_bases(base_dir, quant):
     cfg = _gralora(use_dora=True)
