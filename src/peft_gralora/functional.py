@@ -205,7 +205,10 @@ def gralora_forward(
         y = _gralora_grid_composed(x2, weight_A[:g], weight_B[:, :g], k)  # (N, out)
     else:
         y = _GraloraGrid.apply(x2, weight_A[:g], weight_B[:, :g], k)  # (N, out)
-    if hybrid_r:
+    if hybrid_r and torch.is_autocast_enabled(x.device.type):
+        # in-place addmm_ escapes autocast's casts (y is half, weight_B float): (N, out) + (N, h) @ (h, out)
+        y = y + F.linear(F.linear(x2, weight_A[g:]), weight_B[:, g:])
+    elif hybrid_r:
         # (N, out) += (N, h) @ (h, out), accumulated into y in the same GEMM (y is our own fresh tensor)
         y = y.addmm_(F.linear(x2, weight_A[g:]), weight_B[:, g:].t())
     if bias_B is not None:
