@@ -166,3 +166,33 @@ def test_plain_lora_mode_same_parameter_count(tmp_path):
     assert metrics["method"] == "lora" and "use_gralora" not in cfg
     assert metrics["trainable_params"] == metrics["lora_params_same_r"]
     assert metrics["reload_ok"] and not [n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-")]
+
+
+def test_deepspeed_zero3_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from peft_gralora.finetune import train
+
+    def no_model(*a, **k):
+        raise AssertionError("must fail before loading anything")
+
+    monkeypatch.setattr(train, "load_tokenizer", no_model)
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ValueError, match="ZeRO-3 is not supported with GraLoRA"):
+        run(["--deepspeed", str(cfg), "--output_dir", str(tmp_path / "o")])
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(AssertionError, match="must fail before loading"):  # ZeRO-2 passes the check
+        run(["--deepspeed", str(cfg), "--output_dir", str(tmp_path / "o")])
+
+
+def test_fsdp_launch_is_refused_for_gralora(tmp_path, monkeypatch):
+    from peft_gralora.finetune import train
+
+    def no_model(*a, **k):
+        raise AssertionError("must fail before loading anything")
+
+    monkeypatch.setattr(train, "load_tokenizer", no_model)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP is not supported with GraLoRA"):
+        run(["--output_dir", str(tmp_path / "o")])
+    with pytest.raises(AssertionError, match="must fail before loading"):  # plain LoRA may use FSDP
+        run(["--output_dir", str(tmp_path / "o"), "--no-use_gralora"])

@@ -45,7 +45,7 @@ def test_builtin_records_are_signature_docstring_to_code(builtin):
     func = tree.body[0]
     assert isinstance(func, ast.FunctionDef) and func.name == name
     assert ast.get_docstring(func) is None
-    assert "`shlex`" in rec["instruction"]
+    assert "`shlex.quote`" in rec["instruction"]
     for r in builtin["train"][:50]:
         ast.parse(r["output"])
 

@@ -16,7 +16,7 @@ from .data import BUILTIN
 __all__ = ["build_parser", "parse_args", "main", "BUILTIN_MAX_STEPS"]
 
 # sized for the offline CPU demo (SmolLM2-135M, 2 cores, < 10 minutes in all); user data trains --num_epochs
-BUILTIN_MAX_STEPS = 24
+BUILTIN_MAX_STEPS = 20
 
 
 def _bool(text: str) -> bool:
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out examples: a count (>= 1) or a fraction (< 1); 0 disables the held-out loss",
     )
     g.add_argument("--max_train_samples", type=int, default=None, help="use at most this many training examples")
-    g.add_argument("--cutoff_len", type=int, default=192, help="maximum tokens per example (longer ones are cut)")
+    g.add_argument("--cutoff_len", type=int, default=256, help="maximum tokens per example (longer ones are cut)")
     g.add_argument(
         "--train_on_inputs",
         action="store_true",
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--builtin_max_chars",
         type=int,
-        default=600,
+        default=500,
         help="built-in data: skip stdlib functions whose source is longer than this",
     )
 

@@ -123,8 +123,8 @@ BUILTIN_MODULES = (
 )
 
 BUILTIN_INSTRUCTION = (
-    "Implement the function `{name}` of the Python standard library module `{module}`, given its signature and "
-    "docstring. Reply with the complete function definition, without the docstring."
+    "Implement `{module}.{name}` from the Python standard library. Reply with the function definition, without the "
+    "docstring."
 )
 
 

@@ -31,7 +31,7 @@ from .modeling import (
     resolve_base_model,
 )
 
-__all__ = ["run", "latest_checkpoint", "atomic_save", "adapter_fingerprint"]
+__all__ = ["run", "latest_checkpoint", "atomic_save", "adapter_fingerprint", "heldout_loss"]
 
 # fault-injection for the resume test: seconds to sleep after every optimizer step (never set it otherwise)
 STEP_DELAY_ENV = "PEFT_GRALORA_FT_STEP_DELAY"
@@ -188,6 +188,69 @@ def _generate(model: Any, tokenizer: Any, record: dict, opts: TokenizeOptions, m
     return {"prompt": prompt_msgs[-1]["content"], "answer": answer, "reference": reference}
 
 
+def _refuse_sharded_adapters(args: Namespace) -> None:
+    """Refuse launchers that shard the adapter weights themselves: GraLoRA reads ``lora_A.weight`` / ``lora_B.weight``
+    directly instead of calling those submodules, so their gather-on-call hooks never run and it would see shards.
+
+    That is DeepSpeed ZeRO-3, and FSDP through Trainer (peft's FSDP auto-wrap policy, which transformers applies to
+    every PEFT model, makes each ``lora_A`` / ``lora_B`` Linear its own FSDP unit).
+    """
+    if not args.use_gralora:
+        return
+    stage = None
+    if args.deepspeed:
+        try:
+            with open(args.deepspeed, encoding="utf-8") as fh:
+                stage = json.load(fh).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--deepspeed {args.deepspeed}: cannot read the DeepSpeed JSON config ({err})") from err
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        stage = 3
+    if str(stage) == "3":
+        raise ValueError(
+            "DeepSpeed ZeRO-3 is not supported with GraLoRA (the variant reads lora_A/lora_B weights directly, which "
+            "ZeRO-3 partitions away). Use ZeRO-2 or DDP, or --no-use_gralora for plain LoRA."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise ValueError(
+            "FSDP is not supported with GraLoRA in this script (Trainer wraps every lora_A/lora_B Linear as its own "
+            "FSDP unit, and the variant reads those weights without calling the submodules). Use DDP or DeepSpeed "
+            "ZeRO-2, or --no-use_gralora for plain LoRA."
+        )
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def heldout_loss(model: Any, dataset: TokenizedDataset, collator: PadCollator, batch_size: int) -> float:
+    """Mean cross-entropy over every target token of ``dataset`` (token-weighted, dropout off).
+
+    Computed here rather than with ``Trainer.evaluate``: evaluating before ``train()`` marks the model as prepared
+    by accelerate, which then skips the DDP wrap in ``train()`` and leaves every rank training alone.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # position t predicts token t + 1: (batch, seq - 1, vocab) against (batch, seq - 1)
+            logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"))
+            count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 def _namespace(args: Namespace | Sequence[str] | dict | None, overrides: dict) -> Namespace:
     if args is None or isinstance(args, (list, tuple)):
         return parse_args(args or [], **overrides)
@@ -235,6 +298,7 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
         train_split=args.train_split,
         eval_split=args.eval_split,
     )
+    _refuse_sharded_adapters(args)
     model_dir, gguf_file = resolve_base_model(args.base_model, args.gguf_file)
     tokenizer = load_tokenizer(model_dir, gguf_file)
     opts = TokenizeOptions(
@@ -330,7 +394,8 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
         run_name=args.wandb_run_name,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         deepspeed=args.deepspeed,
-        use_cpu=args.device == "cpu",
+        # accelerate runs DDP over gloo only with use_cpu; on a machine without an accelerator that is the only choice
+        use_cpu=args.device == "cpu" or (args.device == "auto" and not _has_accelerator()),
         ddp_find_unused_parameters=False if world_size > 1 else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -341,12 +406,13 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
             time.sleep(float(os.environ[STEP_DELAY_ENV]))
 
     callbacks = [StepDelay()] if os.environ.get(STEP_DELAY_ENV) else []
+    collator = PadCollator(tokenizer.pad_token_id)
     trainer = Trainer(
         model=model,
         args=targs,
         train_dataset=train_ds,
         eval_dataset=eval_ds if has_eval else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=collator,
         callbacks=callbacks,
     )
 
@@ -371,7 +437,7 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
     }
     if has_eval:
         _log("held-out loss before training ...")
-        metrics["eval_loss_before"] = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+        metrics["eval_loss_before"] = heldout_loss(model, eval_ds, collator, args.micro_batch_size)
         _log(f"  eval_loss_before = {metrics['eval_loss_before']:.4f}")
     checkpoint = args.resume_from_checkpoint
     if checkpoint == "auto":
@@ -386,7 +452,7 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
     metrics["train_loss"] = train_out.training_loss
     metrics["global_step"] = trainer.state.global_step
     if has_eval:
-        metrics["eval_loss_after"] = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+        metrics["eval_loss_after"] = heldout_loss(trainer.model, eval_ds, collator, args.micro_batch_size)
         _log(f"  eval_loss_after  = {metrics['eval_loss_after']:.4f}  (before {metrics['eval_loss_before']:.4f})")
 
     # 5. every rank fingerprints its own adapter; a DDP run must end with identical weights everywhere
