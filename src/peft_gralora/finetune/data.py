@@ -169,7 +169,7 @@ def _function_example(module_name: str, name: str, func: Any, max_chars: int) ->
 
 
 def build_builtin_dataset(
-    max_chars: int = 900,
+    max_chars: int = 500,
     held_out_percent: int = 10,
     modules: Sequence[str] = BUILTIN_MODULES,
 ) -> dict[str, list[dict]]:
@@ -369,7 +369,7 @@ def load_splits(
     val_set_size: float = 40,
     seed: int = 42,
     max_train_samples: int | None = None,
-    builtin_max_chars: int = 900,
+    builtin_max_chars: int = 500,
     train_split: str = "train",
     eval_split: str | None = None,
 ) -> tuple[list[dict], list[dict], str]:
