@@ -223,3 +223,37 @@ def test_adding_gralora_to_an_existing_plain_lora_layer_of_another_type_is_refus
     model = get_peft_model(Holder(nn.Embedding(64, 32)), LoraConfig(r=4, target_modules=["target"]))
     with pytest.raises(ValueError, match="cannot adapt module 'target'.*Embedding"):
         model.add_adapter("gra", _gralora_cfg())
+
+
+class _CustomLinear(nn.Linear):
+    pass
+
+
+class _CustomLoraLinear(nn.Module, lora_layer.LoraLayer):
+    """A user's LoRA layer through peft's custom-module API, with a hand-written resolver that knows no GraLoRA (as
+    peft's bitsandbytes layers had): without the guard, use_gralora=True would silently train plain LoRA here."""
+
+    def __init__(self, base_layer, adapter_name, config, r=0, lora_alpha=1, **kwargs):
+        super().__init__()
+        lora_layer.LoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def resolve_lora_variant(self, *, config, **kwargs):
+        return None
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+@pytest.mark.parametrize("use_gralora", [False, True])
+def test_custom_lora_module_with_its_own_resolver(use_gralora):
+    cfg = _gralora_cfg() if use_gralora else LoraConfig(r=4, target_modules=["target"])
+    cfg._register_custom_module({_CustomLinear: _CustomLoraLinear})
+    model = Holder(_CustomLinear(16, 24))
+    if not use_gralora:
+        assert type(get_peft_model(model, cfg).base_model.model.target) is _CustomLoraLinear
+        return
+    with pytest.raises(ValueError, match=r"cannot adapt module 'target': its layer type _CustomLinear \(LoRA layer "):
+        get_peft_model(model, cfg)
+    assert type(model.target) is _CustomLinear
