@@ -185,3 +185,35 @@ def test_mixed_batch_is_refused_like_dora():
     peft_model.eval()
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
         peft_model(torch.randn(2, 16), adapter_names=["default", "__base__"])
+
+
+class _FixedMask(torch.nn.Module):
+    """A deterministic stand-in for nn.Dropout: multiplies the input by a fixed 0 / 2 mask."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("mask", (torch.arange(width) % 3 != 0).float() * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_dropout_path_matches_dora_semantics(model):
+    """With dropout in training, DoRA applies the rescaling to the dropped input only:
+    y = W x + b + (m/n - 1) W d(x) + (m/n) s dW d(x)."""
+    peft_model, targets, fifo = _make(model, 6, 2, 2)
+    layer = getattr(peft_model.base_model.model, targets[0])
+    layer.lora_dropout["default"] = _FixedMask(16)
+    peft_model.train()
+    x = torch.randn(3, 16)
+    out = layer(x)
+    base = layer.get_base_layer()
+    weight = base.weight.detach().T if fifo else base.weight.detach()
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    delta = layer.scaling["default"] * _dense_delta(A, B, 2, 2)
+    norm = torch.linalg.norm(weight + delta, dim=1).detach()
+    scale = layer.lora_magnitude_vector["default"].weight / norm
+    dropped = layer.lora_dropout["default"](x)
+    ref = x @ weight.T + base.bias + (scale - 1) * (dropped @ weight.T) + scale * (dropped @ delta.T)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
