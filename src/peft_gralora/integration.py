@@ -114,8 +114,12 @@ def _bnb_targets() -> dict[str, type]:
 
     found = {}
     if is_bnb_available():
-        from peft.tuners.lora import bnb as lora_bnb
-
+        try:
+            from peft.tuners.lora import bnb as lora_bnb
+        except (ImportError, OSError, RuntimeError):
+            # a bitsandbytes that is installed but cannot load (no binary for this platform): peft cannot build
+            # its layers either, so there is nothing to patch, and peft itself must stay importable
+            return found
         found["Linear8bitLt"] = lora_bnb.Linear8bitLt
         if is_bnb_4bit_available():
             found["Linear4bit"] = lora_bnb.Linear4bit
