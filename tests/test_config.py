@@ -202,6 +202,9 @@ def test_features_not_divisible_by_k(bad, shape):
     "bad",
     [
         nn.Embedding(10, 8),
+        # sizes not divisible by k: the type is the reason to refuse, not the shape
+        nn.Embedding(11, 8),
+        nn.Conv1d(7, 8, 3),
         nn.Conv1d(8, 8, 3),
         nn.Conv2d(8, 8, 3),
         nn.Conv3d(8, 8, 1),

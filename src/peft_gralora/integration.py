@@ -310,7 +310,11 @@ def _make_create_and_replace(original: Callable) -> Callable:
                     f"use_gralora=True cannot target the parameter {kwargs['parameter_name']!r} of {current_key!r}: "
                     "GraLoRA adapts nn.Linear / Conv1D modules only. Use target_modules instead of target_parameters."
                 )
-            if isinstance(target, LoraLayer) and type(target) not in _gralora_layer_classes():
+            # the layer type first: a shape error would be misleading for a type GraLoRA cannot adapt anyway
+            if isinstance(target, LoraLayer):
+                if type(target) not in _gralora_layer_classes():
+                    raise _unsupported_layer_error(target, current_key)
+            elif not _may_hold_gralora(target):
                 raise _unsupported_layer_error(target, current_key)
             r_key = get_pattern_key(lora_config.rank_pattern.keys(), current_key)
             r = lora_config.rank_pattern.get(r_key, lora_config.r)
@@ -328,9 +332,6 @@ def _make_create_new_module(original: Callable) -> Callable:
         if not getattr(lora_config, "use_gralora", False):
             return original(lora_config, adapter_name, target, **kwargs)
         name = kwargs.get("target_name", "<unknown>")
-        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-        if not _may_hold_gralora(base):
-            raise _unsupported_layer_error(base, name)
         try:
             new_module = original(lora_config, adapter_name, target, **kwargs)
         except ValueError as exc:
