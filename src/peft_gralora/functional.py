@@ -99,10 +99,7 @@ def _blocks(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _regroup(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Swap the two block indices of the latent: ``(k_p, N, (q, t)) -> (k_q, N, (p, t))``; its own inverse.
-
-    The one copy of the forward (and of the backward), on the latent only: ``k * g`` numbers per token.
-    """
+    """Swap the two block indices of the latent: ``(k_p, N, (q, t)) -> (k_q, N, (p, t))``; its own inverse."""
     _, n_tok, g = z.shape
     return z.view(k, n_tok, k, g // k).permute(2, 1, 0, 3).reshape(k, n_tok, g)  # (q, N, p, t) -> (k_q, N, g)
 
@@ -114,64 +111,86 @@ def _grid_latent(x2: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
     return _regroup(z, k)  # (k_i, N, (j, t))
 
 
-class _GraloraGrid(torch.autograd.Function):
-    """The block grid ``y_i = sum_j B_ij A_ij x_j`` on 2-D operands, with a hand-written backward.
+def _gralora_composed(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int):
+    """The adapter in plain differentiable ops: ``(N, in) -> (N, out)``. Used under autocast (whose casts out= and
+    in-place writes would escape) and to differentiate :class:`_GraloraFunction` a second time."""
+    u = _grid_latent(x2, weight_A[:g], k)  # (k_i, N, g)
+    y = torch.bmm(u, weight_B[:, :g].unflatten(0, (k, -1)).transpose(1, 2))  # (k_i, N, g) @ (k_i, g, m)
+    y = y.transpose(0, 1).reshape(x2.shape[0], weight_B.shape[0])  # (N, out)
+    if g < weight_A.shape[0]:
+        y = y + F.linear(F.linear(x2, weight_A[g:]), weight_B[:, g:])  # (N, out) + (N, h) @ (h, out)
+    return y
 
-    Why not plain autograd: every GEMM here is one strided batched matmul over the k blocks that reads ``x`` and
-    writes ``y`` (and, in backward, ``grad x``) in place through column-block views, so nothing of size
-    ``(N, in)`` or ``(N, out)`` is ever copied; the only copies are of the latent. Autograd of the composed ops
-    instead copies ``y`` and ``grad x`` out of transposed ``(k, N, .)`` layouts. Saved for backward: ``x`` (a view of
-    the caller's input, like LoRA's) and the latent ``u`` ``(k, N, g)``; nothing else.
 
-    Under ``create_graph=True`` the backward rebuilds the latent with recorded ops, so higher-order gradients are
-    exact too.
+class _GraloraFunction(torch.autograd.Function):
+    """The whole adapter ``y_i = sum_j B_ij A_ij x_j + [B_h A_h x]_i`` on 2-D operands, with a hand-written backward.
+
+    Layout: column block ``j`` of ``weight_A`` is ``[A_1j; ...; A_kj; A_h[:, block j]]`` ``(r, in/k)`` and row block
+    ``i`` of ``weight_B`` is ``[B_i1 ... B_ik  B_h[block i]]`` ``(out/k, r)``, both plain views. So the hybrid branch
+    rides along inside the grid's GEMMs as ``h`` extra latent rows (its latent is the sum over ``j`` of the partial
+    products ``A_h[:, block j] x_j``, and the same for its gradient), and the whole adapter is six strided batched
+    GEMMs over the k blocks, as LoRA is six GEMMs:
+
+    - each reads ``x`` / ``grad y`` and writes ``y`` / ``grad x`` once, in place through column-block views: nothing
+      of size ``(N, in)`` or ``(N, out)`` is ever copied or added twice; the only copies are of the latent
+      (``k r`` numbers per token) and of the weight-sized gradients;
+    - every product whose output has an ``r``-sized side is computed with that side first (``z^T = A x^T``): CPU
+      BLAS is up to ~50x slower on outputs with few columns;
+    - saved for backward: ``x`` (a view of the caller's input, like LoRA's) and the latent ``(k, N, r)``.
+
+    ``create_graph=True`` differentiates :func:`_gralora_composed` instead, so higher-order gradients are exact too.
     """
 
     @staticmethod
-    def forward(ctx, x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
-        # x2 (N, in), a = weight_A[:g] (g, in), b = weight_B[:, :g] (out, g)
-        u = _grid_latent(x2, a, k)  # (k_i, N, g)
-        b_t = b.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, m, g) -> (k_i, g, m): [B_i1 ... B_ik]^T
-        y = u.new_empty(x2.shape[0], b.shape[0])  # (N, out)
-        torch.bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, g) @ (k_i, g, m) -> output block i of y, in place
-        ctx.save_for_backward(x2, a, b, u)
-        ctx.k = k
+    def forward(ctx, x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int) -> torch.Tensor:
+        # x2 (N, in), weight_A (r, in), weight_B (out, r); latent rows [0, g) are the grid's, [g, r) the hybrid's
+        n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
+        a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n): column block j of A
+        z_t = torch.bmm(a_blocks, _blocks(x2, k).transpose(1, 2))  # (k_j, r, n) @ (k_j, n, N) = (k_j, r, N)
+        u = z_t.new_empty(k, n_tok, r)  # (k_i, N, r): [A_i1 x_1; ...; A_ik x_k; A_h x] per output block i
+        # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks
+        u[..., :g].unflatten(-1, (k, s)).copy_(z_t[:, :g].unflatten(1, (k, s)).permute(1, 3, 0, 2))
+        if g < r:
+            u[..., g:].copy_(z_t[:, g:].sum(0).t())  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
+        b_t = weight_B.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, r, m): row block i of B, transposed
+        y = u.new_empty(n_tok, weight_B.shape[0])  # (N, out)
+        torch.bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, r) @ (k_i, r, m) -> output block i of y, in place
+        ctx.save_for_backward(x2, weight_A, weight_B, u)
+        ctx.k, ctx.g = k, g
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x2, a, b, u = ctx.saved_tensors
-        k = ctx.k
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        # create_graph=True: no out= writes (autograd cannot record them) and a latent that is a function of x and A
-        recorded = torch.is_grad_enabled()
-        if recorded:
-            u = _grid_latent(x2, a, k)
+        x2, weight_A, weight_B, u = ctx.saved_tensors
+        k, g = ctx.k, ctx.g
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: let autograd record a differentiable backward
+            inputs = [t for t, need in zip((x2, weight_A, weight_B), needs, strict=True) if need]
+            y = _gralora_composed(x2, weight_A, weight_B, k, g)
+            grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
+            return (*(next(grads) if need else None for need in needs), None, None)
+        need_x, need_a, need_b = needs
+        n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
         g_blocks = _blocks(grad_y, k)  # (k_i, N, m)
-        grad_x = grad_a = grad_b = None
+        grad_x = grad_A = grad_B = None
         if need_b:
-            grad_b = torch.bmm(g_blocks.transpose(1, 2), u).reshape(b.shape)  # (k_i, m, N) @ (k_i, N, g) = (out, g)
+            grad_b_t = torch.bmm(u.transpose(1, 2), g_blocks)  # (k_i, r, N) @ (k_i, N, m) = (k_i, r, m)
+            grad_B = grad_b_t.transpose(1, 2).reshape(weight_B.shape)  # (k_i, m, r) = (out, r): B's size
         if need_x or need_a:
-            grad_u = torch.bmm(g_blocks, b.unflatten(0, (k, -1)))  # (k_i, N, m) @ (k_i, m, g) = (k_i, N, (j, t))
-            grad_z = _regroup(grad_u, k)  # (k_j, N, (i, t))
+            b_blocks = weight_B.unflatten(0, (k, -1))  # (k_i, m, r)
+            grad_u_t = torch.bmm(b_blocks.transpose(1, 2), g_blocks.transpose(1, 2))  # (k_i, r, m) @ (k_i, m, N)
+            grad_z_t = grad_u_t.new_empty(k, r, n_tok)  # (k_j, r, N): gradient of z_t
+            grad_z_t[:, :g].unflatten(1, (k, s)).copy_(grad_u_t[:, :g].unflatten(1, (k, s)).transpose(0, 1))
+            if g < r:
+                grad_z_t[:, g:].copy_(grad_u_t[:, g:].sum(0))  # (h, N): every block j gets the whole hybrid grad
             if need_a:
-                grad_a = torch.bmm(grad_z.transpose(1, 2), _blocks(x2, k))  # (k_j, g, N) @ (k_j, N, n) = (k_j, g, n)
-                grad_a = grad_a.transpose(0, 1).reshape(a.shape)  # (g, k_j, n) = (g, in): a copy of A's size
+                grad_a = torch.bmm(grad_z_t, _blocks(x2, k))  # (k_j, r, N) @ (k_j, N, n) = (k_j, r, n)
+                grad_A = grad_a.transpose(0, 1).reshape(weight_A.shape)  # (r, k_j, n) = (r, in): A's size
             if need_x:
-                a_blocks = a.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, g, n)
-                if recorded:
-                    grad_x = torch.bmm(grad_z, a_blocks).transpose(0, 1).reshape(x2.shape)  # (N, in)
-                else:
-                    grad_x = grad_z.new_empty(x2.shape)  # (N, in)
-                    torch.bmm(grad_z, a_blocks, out=_blocks(grad_x, k))  # (k_j, N, g) @ (k_j, g, n), in place
-        return grad_x, grad_a, grad_b, None
-
-
-def _gralora_grid_composed(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
-    """:class:`_GraloraGrid` in plain differentiable ops, for autocast (whose casts out= writes cannot take)."""
-    u = _grid_latent(x2, a, k)  # (k_i, N, g)
-    y = torch.bmm(u, b.unflatten(0, (k, -1)).transpose(1, 2))  # (k_i, N, g) @ (k_i, g, m) = (k_i, N, m)
-    return y.transpose(0, 1).reshape(x2.shape[0], b.shape[0])  # (N, out)
+                a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n)
+                grad_x = grad_z_t.new_empty(x2.shape)  # (N, in)
+                torch.bmm(grad_z_t.transpose(1, 2), a_blocks, out=_blocks(grad_x, k))  # (k_j, N, r) @ (k_j, r, n)
+        return grad_x, grad_A, grad_B, None, None
 
 
 def gralora_forward(
@@ -202,15 +221,10 @@ def gralora_forward(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, shp.in_features)  # (N, in): a view whenever the leading dims of x merge
     if torch.is_autocast_enabled(x.device.type):
-        y = _gralora_grid_composed(x2, weight_A[:g], weight_B[:, :g], k)  # (N, out)
+        # composed ops follow autocast's casts (out= and in-place writes would not): y is half, the weights float
+        y = _gralora_composed(x2, weight_A, weight_B, k, g)  # (N, out)
     else:
-        y = _GraloraGrid.apply(x2, weight_A[:g], weight_B[:, :g], k)  # (N, out)
-    if hybrid_r and torch.is_autocast_enabled(x.device.type):
-        # in-place addmm_ escapes autocast's casts (y is half, weight_B float): (N, out) + (N, h) @ (h, out)
-        y = y + F.linear(F.linear(x2, weight_A[g:]), weight_B[:, g:])
-    elif hybrid_r:
-        # (N, out) += (N, h) @ (h, out), accumulated into y in the same GEMM (y is our own fresh tensor)
-        y = y.addmm_(F.linear(x2, weight_A[g:]), weight_B[:, g:].t())
+        y = _GraloraFunction.apply(x2, weight_A, weight_B, k, g)  # (N, out)
     if bias_B is not None:
         y = y + bias_B
     return y.view(*lead, shp.out_features)  # (..., out)
