@@ -152,6 +152,7 @@ class _GraloraFunction(torch.autograd.Function):
         u[..., :g].unflatten(-1, (k, s)).copy_(z_t[:, :g].unflatten(1, (k, s)).permute(1, 3, 0, 2))
         if g < r:
             u[..., g:].copy_(z_t[:, g:].sum(0).t())  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
+        del z_t  # peak memory: gone before y exists
         b_t = weight_B.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, r, m): row block i of B, transposed
         y = u.new_empty(n_tok, weight_B.shape[0])  # (N, out)
         torch.bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, r) @ (k_i, r, m) -> output block i of y, in place
@@ -183,6 +184,7 @@ class _GraloraFunction(torch.autograd.Function):
             grad_z_t[:, :g].unflatten(1, (k, s)).copy_(grad_u_t[:, :g].unflatten(1, (k, s)).transpose(0, 1))
             if g < r:
                 grad_z_t[:, g:].copy_(grad_u_t[:, g:].sum(0))  # (h, N): every block j gets the whole hybrid grad
+            del grad_u_t  # peak memory: gone before grad x exists
             if need_a:
                 grad_a = torch.bmm(grad_z_t, _blocks(x2, k))  # (k_j, r, N) @ (k_j, N, n) = (k_j, r, n)
                 grad_A = grad_a.transpose(0, 1).reshape(weight_A.shape)  # (r, k_j, n) = (r, in): A's size
