@@ -25,6 +25,20 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = ("lora", "gralora", "upstream")
+# what the timings read: "wall" (time.perf_counter) or "cpu" (time.process_time: the CPU time of this process, which
+# a busy shared machine does not inflate with the time other processes hold the core; meaningful with 1 thread)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = {"name": "wall"}
+
+
+def set_clock(name: str) -> None:
+    if name not in CLOCKS:
+        raise ValueError(f"unknown clock {name!r}; choose from {sorted(CLOCKS)}")
+    CLOCK["name"] = name
+
+
+def now() -> float:
+    return CLOCKS[CLOCK["name"]]()
 
 
 def peft_config(method: str, r: int, k: int, hybrid_r: int, target_modules: Any, alpha: float | None = None):
@@ -78,9 +92,9 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: in
     for i in range(rounds):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            t0 = now()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
     return times
 
 
@@ -154,6 +168,7 @@ def environment(threads: int) -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
+        "clock": CLOCK["name"],
         "loadavg_at_start": load,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

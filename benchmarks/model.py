@@ -22,6 +22,7 @@ import torch
 from .common import (
     METHODS,
     interleaved_times,
+    now,
     peak_alloc_bytes,
     peft_config,
     randomize_adapters,
@@ -160,10 +161,10 @@ def bench_model(
     for i in range(merge_rounds):
         for m in METHODS:
             work = copy.deepcopy(models[m])
-            t1 = time.perf_counter()
+            t1 = now()
             with torch.no_grad():
                 out = work.merge_and_unload()
-            merge_times[m].append(time.perf_counter() - t1)
+            merge_times[m].append(now() - t1)
             if i == merge_rounds - 1:
                 merged[m] = out
             del work

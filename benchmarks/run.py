@@ -21,7 +21,7 @@ import torch
 from . import layer as layer_bench
 from . import model as model_bench
 from . import startup as startup_bench
-from .common import RESULTS_DIR, environment, write_json
+from .common import RESULTS_DIR, environment, set_clock, write_json
 
 PARTS = ("layer", "model", "startup")
 MODELS = ("smollm2-135m", "wide-tiny-llama")
@@ -37,12 +37,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layer-budget", type=float, default=None, help="seconds of timing per layer case (soft)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     p.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak RSS check of the models")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default=None,
+        help="timer: wall, or cpu = process CPU time (steadier on a busy machine); default cpu with 1 thread",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    set_clock(args.clock or ("cpu" if args.threads == 1 else "wall"))
     torch.manual_seed(0)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
@@ -60,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "layer" in parts:
         grid = layer_bench.QUICK_GRID if args.quick else layer_bench.FULL_GRID
-        rounds = args.rounds or (5 if args.quick else 7)
-        budget = args.layer_budget or (6.0 if args.quick else 12.0)
+        rounds = args.rounds or 15
+        budget = args.layer_budget or (8.0 if args.quick else 15.0)
         t0 = time.perf_counter()
         rows = layer_bench.run_grid(grid, rounds=rounds, time_budget_s=budget, log=log)
         payload = {
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _env_line(env: dict[str, Any]) -> str:
     return (
         f"torch {env['torch']}, peft {env['peft']}, transformers {env['transformers']}, {env['cpu_count']} CPU cores, "
-        f"{env['torch_threads']} torch threads, load average at start {env['loadavg_at_start']}, {env['time_utc']}"
+        f"{env['torch_threads']} torch threads, {env.get('clock', 'wall')} clock, load average at start "
+        f"{env['loadavg_at_start']}, {env['time_utc']}"
     )
 
 
@@ -128,13 +136,15 @@ def _layer_md(payload: dict[str, Any]) -> str:
         _env_line(payload["environment"]),
         "",
         "One `nn.Linear(d, d)` adapted by each method at the same total rank r (hybrid: h = r/4); forward + backward "
-        "with the input requiring grad; interleaved rounds, medians of per-round ratios. Peak = peak of extra CPU "
-        "tensor bytes during the step (torch.profiler allocation events); saved = bytes autograd keeps for backward.",
+        "with the input requiring grad; interleaved rounds, medians of per-round ratios (`min` rows: ratio of the "
+        "fastest rounds, steadier under background load). Peak = peak of extra CPU tensor bytes during the step "
+        "(torch.profiler allocation events); saved = bytes autograd keeps for backward.",
         "",
         "| ratio | r <= 64: median | r <= 64: max | all: median | all: max |",
         "|---|---|---|---|---|",
     ]
-    for key in ("gralora/lora", "upstream/lora", "gralora/upstream", "peak gralora/lora", "peak upstream/lora"):
+    keys = ("gralora/lora", "upstream/lora", "gralora/upstream", "min gralora/lora", "min upstream/lora")
+    for key in (*keys, "min gralora/upstream", "peak gralora/lora", "peak upstream/lora"):
         lo, al = s["r<=64"][key], s["all"][key]
         if lo and al:
             head.append(f"| {key} | {lo['median']:.3f} | {lo['max']:.3f} | {al['median']:.3f} | {al['max']:.3f} |")
