@@ -24,7 +24,7 @@ from torch import nn
 
 from .functional import gralora_forward
 from .quant import dequantize_base_weight
-from .variant import GraLoraLinearVariant, _transpose, gralora_delta
+from .variant import GraLoraLinearVariant, _transpose, adapter_weights, gralora_delta
 
 __all__ = ["GraLoraDoraLinearVariant", "GraLoraMagnitude"]
 
@@ -125,12 +125,11 @@ class GraLoraDoraLinearVariant(GraLoraLinearVariant):
         module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
         """``result`` ``(..., out)`` plus the DoRA-rescaled GraLoRA output for ``x`` ``(..., in)``."""
-        lora_A = module.lora_A[active_adapter]
-        lora_B = module.lora_B[active_adapter]
+        weight_A, weight_B = adapter_weights(module, active_adapter)
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
         base = module.get_base_layer()
-        x = module._cast_input_dtype(x, lora_A.weight.dtype)
+        x = module._cast_input_dtype(x, weight_A.dtype)
         weight_oi = _base_weight_oi(module, x.dtype)
         with torch.no_grad():
             delta_oi = _transpose(gralora_delta(module, active_adapter, x.dtype), module.fan_in_fan_out)
@@ -145,10 +144,10 @@ class GraLoraDoraLinearVariant(GraLoraLinearVariant):
             base_result = F.linear(x, weight_oi)
         lora_result = gralora_forward(
             x,
-            lora_A.weight,
-            lora_B.weight,
+            weight_A,
+            weight_B,
             module.gralora_k[active_adapter],
             module.hybrid_r[active_adapter],
-            lora_B.bias,
+            module.lora_B[active_adapter].bias,
         )
         return result + (scale - 1) * base_result.to(x.dtype) + scale * lora_result * scaling

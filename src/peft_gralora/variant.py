@@ -12,7 +12,7 @@ import torch
 
 from .functional import gralora_delta_weight, gralora_forward, init_gralora_A_
 
-__all__ = ["GraLoraLinearVariant", "gralora_delta", "is_gralora_adapter"]
+__all__ = ["GraLoraLinearVariant", "adapter_weights", "gralora_delta", "is_gralora_adapter"]
 
 # extra per-adapter attributes we keep on the host layer; peft deletes them with the adapter
 GRALORA_LAYER_ATTRS = ("gralora_k", "hybrid_r")
@@ -27,6 +27,25 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
+def adapter_weights(module: Any, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's ``lora_A.weight`` ``(r, in)`` and ``lora_B.weight`` ``(out, r)``, as GraLoRA reads them.
+
+    Raises:
+        RuntimeError: when the weights are partitioned. GraLoRA reads them blockwise instead of calling the
+            ``lora_A`` / ``lora_B`` submodules, so gather hooks that fire on a submodule's forward (DeepSpeed ZeRO-3,
+            FSDP units around a single LoRA Linear) never run and the weights would be empty shards.
+    """
+    weight_A = module.lora_A[adapter_name].weight
+    weight_B = module.lora_B[adapter_name].weight
+    if weight_A.dim() != 2 or weight_B.dim() != 2 or weight_A.numel() == 0:
+        raise RuntimeError(
+            f"GraLoRA adapter {adapter_name!r} found partitioned LoRA weights (lora_A {tuple(weight_A.shape)}, "
+            f"lora_B {tuple(weight_B.shape)}): DeepSpeed ZeRO-3 and FSDP units around single lora_A / lora_B Linears "
+            "are not supported. Use DDP, DeepSpeed ZeRO-2, or FSDP that wraps whole decoder layers."
+        )
+    return weight_A, weight_B
+
+
 def gralora_delta(module: Any, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``scaling * delta W`` of one GraLoRA adapter, in the base weight's layout (``(in, out)`` for Conv1D).
 
@@ -35,8 +54,7 @@ def gralora_delta(module: Any, adapter_name: str, dtype: torch.dtype | None = No
     Args:
         dtype: dtype of the result; defaults to the adapter weights' dtype.
     """
-    weight_A = module.lora_A[adapter_name].weight
-    weight_B = module.lora_B[adapter_name].weight
+    weight_A, weight_B = adapter_weights(module, adapter_name)
     out_dtype = dtype or weight_B.dtype
     if weight_B.device.type == "cpu" and weight_B.dtype in (torch.float16, torch.bfloat16):
         weight_A, weight_B = weight_A.float(), weight_B.float()
@@ -88,16 +106,15 @@ class GraLoraLinearVariant:
         module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
         """``result + scaling * GraLoRA(dropout(x))``; ``x`` is ``(..., in)``, ``result`` is ``(..., out)``."""
-        lora_A = module.lora_A[active_adapter]
-        lora_B = module.lora_B[active_adapter]
+        weight_A, weight_B = adapter_weights(module, active_adapter)
         x = module.lora_dropout[active_adapter](x)
-        x = module._cast_input_dtype(x, lora_A.weight.dtype)
+        x = module._cast_input_dtype(x, weight_A.dtype)
         delta = gralora_forward(
             x,
-            lora_A.weight,
-            lora_B.weight,
+            weight_A,
+            weight_B,
             module.gralora_k[active_adapter],
             module.hybrid_r[active_adapter],
-            lora_B.bias,
+            module.lora_B[active_adapter].bias,
         )
         return result + delta * module.scaling[active_adapter]
