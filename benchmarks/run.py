@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -97,11 +98,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 infer_rounds=5 if args.quick else 9,
                 log=log,
             )
-            if not args.no_rss:
-                res["rss"] = model_bench.rss_compare(name, 32, 2, res["batch"], res["seq"], args.threads, log=log)
             rows.append(res)
             payload = {"mode": mode, "environment": env, "elapsed_s": time.perf_counter() - t0, "models": rows}
             write_json("model", payload, out)  # after every model, so a cut-short run keeps what it measured
+            if not args.no_rss:
+                try:
+                    res["rss"] = model_bench.rss_compare(name, 32, 2, res["batch"], res["seq"], args.threads, log=log)
+                except (OSError, RuntimeError, subprocess.CalledProcessError, ZeroDivisionError) as exc:
+                    res["rss"] = {"error": repr(exc)}
+                    log(f"[model {name}] fresh-process RSS check failed: {exc!r}")
+                write_json("model", payload, out)
         (out / "model.md").write_text(_model_md(payload))
         model_bench.plot(rows, out / "model.png")
         results["model"] = payload
