@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="max interleaved rounds per layer case")
     p.add_argument("--layer-budget", type=float, default=None, help="seconds of timing per layer case (soft)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+    for axis in ("dims", "tokens", "ranks", "ks", "hybrid"):
+        p.add_argument(f"--{axis}", default=None, help=f"comma-separated layer-grid {axis} (overrides the mode's)")
+    p.add_argument("--tag", default="", help="suffix of the layer result files (layer<tag>.json ...)")
     p.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak RSS check of the models")
     p.add_argument(
         "--clock",
@@ -67,7 +70,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(msg, flush=True)
 
     if "layer" in parts:
-        grid = layer_bench.QUICK_GRID if args.quick else layer_bench.FULL_GRID
+        grid = dict(layer_bench.QUICK_GRID if args.quick else layer_bench.FULL_GRID)
+        for axis in grid:
+            if getattr(args, axis):
+                grid[axis] = tuple(int(v) for v in getattr(args, axis).split(","))
         rounds = args.rounds or 15
         budget = args.layer_budget or (8.0 if args.quick else 15.0)
         t0 = time.perf_counter()
@@ -81,9 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "summary": layer_bench.summary(rows),
             "cases": rows,
         }
-        write_json("layer", payload, out)
-        (out / "layer.md").write_text(_layer_md(payload))
-        layer_bench.plot(rows, out / "layer.png")
+        write_json(f"layer{args.tag}", payload, out)
+        (out / f"layer{args.tag}.md").write_text(_layer_md(payload))
+        layer_bench.plot(rows, out / f"layer{args.tag}.png")
         results["layer"] = payload
 
     if "model" in parts:
