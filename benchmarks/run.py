@@ -167,7 +167,7 @@ def _layer_md(payload: dict[str, Any]) -> str:
         "(d, tokens, r, k, h).",
         "",
     ]
-    return "\n".join(head) + layer_bench.markdown(payload["cases"])
+    return "\n".join(head) + "\n" + layer_bench.markdown(payload["cases"])
 
 
 def _model_md(payload: dict[str, Any]) -> str:
@@ -181,7 +181,7 @@ def _model_md(payload: dict[str, Any]) -> str:
         "fresh process per method. Merge = `merge_and_unload()`; inference = batch 1 forward under inference_mode.",
         "",
     ]
-    return "\n".join(lines) + model_bench.markdown(payload["models"])
+    return "\n".join(lines) + "\n" + model_bench.markdown(payload["models"])
 
 
 def _startup_md(payload: dict[str, Any]) -> str:
