@@ -238,17 +238,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 res = train_one(base, method, r, seed, train, test, pad_id, args)
                 runs.append(res)
-                path.write_text(json.dumps(payload, indent=1) + "\n")
+                _write(payload, path, args.out / name)  # after every run: a cut-short sweep keeps its table
                 print(
                     f"[quality] {method} r={r} seed={seed}: held-out loss {res['eval_loss']:.4f} acc "
                     f"{res['eval_token_acc']:.4f} (train {res['train_loss_last5']:.3f}, {res['train_seconds']:.0f}s)",
                     flush=True,
                 )
-    payload["table"] = table(runs)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(payload))
-    plot(payload, args.out / f"{name}.png")
+    _write(payload, path, args.out / name)
     return payload
+
+
+def _write(payload: dict[str, Any], path: Path, stem: Path) -> None:
+    payload["table"] = table(payload["runs"])
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    if payload["table"]:
+        stem.with_suffix(".md").write_text(markdown(payload))
+        plot(payload, stem.with_suffix(".png"))
 
 
 def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
