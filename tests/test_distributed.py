@@ -1,4 +1,5 @@
-"""DDP: `torchrun --nproc_per_node 2` (gloo, CPU) on a tiny model; both ranks end with identical adapter weights."""
+"""DDP with 2 CPU processes (gloo) on a tiny model, started by torchrun and by `accelerate launch`: both ranks end with
+identical adapter weights."""
 
 from __future__ import annotations
 
@@ -15,8 +16,20 @@ from tests.finetune_helpers import save_tiny_model, task_records, write_jsonl
 SCRIPT = str(Path(__file__).resolve().parents[1] / "example_gralora_finetuning.py")
 
 
+# accelerate starts CPU-only multi-process runs through torch.distributed too when asked for --multi_gpu; the script
+# itself falls back to CPU (gloo) when there is no GPU
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": [
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+    ],
+}  # fmt: skip
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on Linux/macOS")
-def test_torchrun_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_cpu_processes(tmp_path, launcher):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -26,7 +39,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     data = write_jsonl(str(tmp_path / "d.jsonl"), task_records(40))
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
+        sys.executable, *LAUNCHERS[launcher], SCRIPT,
         "--base_model", model_dir, "--data_path", data, "--output_dir", str(out), "--max_steps", "4",
         "--batch_size", "4", "--micro_batch_size", "1", "--lora_r", "8", "--gralora_k", "2", "--val_set_size", "4",
         "--cutoff_len", "48", "--learning_rate", "1e-2", "--save_steps", "0", "--gen_max_new_tokens", "0",
