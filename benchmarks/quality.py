@@ -35,6 +35,8 @@ from .common import RESULTS_DIR, environment
 
 IGNORE = -100
 METHODS = ("lora", "gralora", "hybrid")
+# the built-in data's parameters, pinned: the library's defaults may change, and comparable runs need the same data
+DATA_KWARGS = {"max_chars": 900, "held_out_percent": 10}
 
 
 def k_for_rank(r: int) -> int:
@@ -215,18 +217,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tokenizer = load_smollm2_tokenizer()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = build_builtin_dataset()
+    data = build_builtin_dataset(**DATA_KWARGS)
     train = tokenize(data["train"], tokenizer, args.max_len)
     test = tokenize(data["test"], tokenizer, args.max_len)
     base = load_smollm2(torch.bfloat16 if args.bf16 else torch.float32)
     base.config.use_cache = False
+    data_sizes = {"train_examples": len(train), "test_examples": len(test), **DATA_KWARGS}
+    if previous is not None and any(
+        previous["data"].get(k) != v for k, v in data_sizes.items() if k in previous["data"]
+    ):
+        raise SystemExit(f"--resume: {path} was made on other data {previous['data']}, now {data_sizes}")
     with _autocast(args.bf16):
         zero_shot = previous["zero_shot"] if previous else evaluate(base, test, pad_id)
     payload: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "settings": settings,
         "environment": environment(args.threads),
-        "data": {"train_examples": len(train), "test_examples": len(test)},
+        "data": data_sizes,
         "zero_shot": zero_shot,
         "runs": runs,
     }
