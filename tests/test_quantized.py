@@ -354,3 +354,33 @@ def test_gralora_dora_on_quantized_bases(base_dir, quant):
     exact = ref.get_base_model()
     qmodel.merge_adapter()
     assert _rel(_logits(qmodel), _logits(exact)) <= 1.25 * floor + 1e-3
+
+
+# QLoRA's usual loop evaluates, then trains, then saves. On CPUs with AVX512-BF16 bitsandbytes packs 4-bit weights on
+# the eval forward; training and saving afterwards must still be right (the packing is forced: any CPU runs this).
+
+
+def _grads(model) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(model(IDS, labels=IDS).loss, params))
+
+
+@pytest.mark.parametrize("make_config", [_gralora, _lora], ids=["gralora", "lora"])
+def test_training_and_saving_after_the_eval_repack(base_dir, make_config):
+    model = get_peft_model(_quantized(base_dir, "nf4"), make_config())
+    model.train()
+    expected = _grads(model)
+    with torch.no_grad():
+        logits_before = model.eval()(IDS).logits
+    _force_packed(model)  # what that eval forward does on an AVX512-BF16 CPU
+    model.train()
+    got = _grads(model)
+    # a packed weight runs through a kernel without autograd: without the fix the earlier layers' grads go wrong
+    # (restoring keeps the bf16-rounded absmax of the packing: a small, uniform difference, not a broken gradient)
+    errors = [((g - e).norm() / e.norm()).item() for g, e in zip(got, expected, strict=True)]
+    assert max(errors) < 2e-2
+    _force_packed(model)
+    model.state_dict()  # bitsandbytes' inverse conversion here used to corrupt absmax in the live model
+    with torch.no_grad():
+        logits_after = model.eval()(IDS).logits
+    assert ((logits_after - logits_before).norm() / logits_before.norm()).item() < 1e-2

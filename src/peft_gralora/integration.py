@@ -22,6 +22,10 @@ patch point                           why
                                       which ``dequantize_4bit`` returns garbage: undo the packing correctly first
                                       (:mod:`peft_gralora.quant`), then peft's merge. Fixes plain LoRA / DoRA merges
                                       too; a no-op for weights that were never packed
+``bnb.Linear4bit._save_to_state_dict``  the same before saving: bitsandbytes' own inverse of the packing (run when the
+                                      base layer is saved) leaves ``absmax`` transposed and corrupts the live model
+``bnb.Linear4bit.forward``            in training mode, undoes the packing first: a packed weight is computed with a
+                                      kernel without autograd, which would cut the gradient through the base layer
 ``peft.tuners.lora.dora``             module global used by peft's DoRA forward/init: dequantizes a CPU-packed 4-bit
 ``.dequantize_module_weight``         weight correctly (plain DoRA's eval forward on 4-bit is ~12 % off otherwise);
                                       calls peft's function for everything else
@@ -242,6 +246,20 @@ def _make_restore_4bit_first(original: Callable) -> Callable:
     return merge_or_unmerge
 
 
+def _make_restore_4bit_when_training(original: Callable) -> Callable:
+    """Wrap ``bnb.Linear4bit.forward``: bitsandbytes computes with a CPU-packed weight through a kernel without
+    autograd, so a layer that was packed by an eval forward and then trained would cut the gradient through its base
+    weight. In training mode, put the weight back first (bitsandbytes only packs in eval mode)."""
+
+    @functools.wraps(original)
+    def forward(self, x, *args: Any, **kwargs: Any):
+        if self.training:
+            restore_canonical_4bit_(self.get_base_layer().weight)
+        return original(self, x, *args, **kwargs)
+
+    return forward
+
+
 def _make_dequantize_module_weight(original: Callable) -> Callable:
     """Wrap ``peft.tuners.lora.dora.dequantize_module_weight``: read a CPU-packed 4-bit weight correctly (DoRA's
     forward and init dequantize the base weight; on a packed weight peft's path returns garbage)."""
@@ -442,7 +460,13 @@ def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
         (linear, "get_delta_weight", _make_get_delta_weight),
         *[(bnb_cls, "resolve_lora_variant", _make_bnb_resolve_lora_variant) for bnb_cls in bnb.values()],
         *[(bnb_cls, "get_delta_weight", _make_get_delta_weight) for bnb_cls in bnb.values()],
-        *[(bnb4, attr, _make_restore_4bit_first) for bnb4 in bnb_4bit for attr in ("merge", "unmerge")],
+        # _save_to_state_dict runs before the base layer's own, whose inverse of the packing corrupts absmax
+        *[
+            (bnb4, attr, _make_restore_4bit_first)
+            for bnb4 in bnb_4bit
+            for attr in ("merge", "unmerge", "_save_to_state_dict")
+        ],
+        *[(bnb4, "forward", _make_restore_4bit_when_training) for bnb4 in bnb_4bit],
         # only where bitsandbytes 4-bit exists: nothing can be CPU-packed otherwise
         *([(t["dora"], "dequantize_module_weight", _make_dequantize_module_weight)] if bnb_4bit else []),
         (model, "_create_and_replace", _make_create_and_replace),
