@@ -99,23 +99,10 @@ def _gguf_path() -> Path:
 
 def prepare_checkpoint(cache_dir: Path) -> Path:
     """SmolLM2-135M as an fp32 safetensors checkpoint (converted from the GGUF once)."""
-    target = cache_dir / "smollm2-135m-fp32"
-    if (target / "config.json").exists():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM
+    from peft_gralora.finetune.modeling import gguf_to_checkpoint
 
     gguf = _gguf_path()
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # a model loaded from GGUF refuses save_pretrained: copy its (dequantized) weights into a plain one
-    config = loaded.config
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(target)
-    return target
+    return Path(gguf_to_checkpoint(str(gguf.parent), gguf.name, str(cache_dir)))
 
 
 def _tensor_bytes(model: Any) -> int:

@@ -11,6 +11,7 @@ __all__ = [
     "resolve_base_model",
     "load_tokenizer",
     "load_base_model",
+    "gguf_to_checkpoint",
     "build_lora_config",
     "parse_target_modules",
     "lora_param_count",
@@ -95,6 +96,10 @@ def load_base_model(
         )
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if gguf_file and "quantization_config" in kwargs:
+        # transformers cannot quantize while reading a GGUF file: quantize a plain checkpoint of it instead
+        model_dir, gguf_file = gguf_to_checkpoint(model_dir, gguf_file), None
+        del kwargs["gguf_file"]
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if gguf_file and not (load_in_4bit or load_in_8bit):
         _drop_gguf_marker(model)
@@ -103,6 +108,43 @@ def load_base_model(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def gguf_to_checkpoint(model_dir: str, gguf_file: str, cache_dir: str | None = None) -> str:
+    """A plain fp32 safetensors checkpoint of a GGUF model (converted once, then reused); returns its folder.
+
+    Written to a temporary folder and renamed into place, so an interrupted conversion is never picked up.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cache_dir = cache_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "peft_gralora"
+    )
+    target = os.path.join(cache_dir, os.path.splitext(gguf_file)[0] + "-fp32")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # a model loaded from GGUF refuses save_pretrained: copy its (already dequantized) weights into a plain one
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=cache_dir)
+    try:
+        model.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(target, "config.json")):  # not just a concurrent conversion winning
+            raise
+    return target
 
 
 def _drop_gguf_marker(model: Any) -> None:
