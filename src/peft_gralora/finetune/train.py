@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -316,7 +317,9 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
     device_map = None
     if (args.load_in_4bit or args.load_in_8bit) and world_size > 1:
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    base = load_base_model(
+    # the trained base and, at the end, the fresh one for the reload check: loaded the same way
+    load_base = functools.partial(
+        load_base_model,
         model_dir,
         gguf_file,
         bf16=args.bf16,
@@ -325,6 +328,7 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
         load_in_8bit=args.load_in_8bit,
         device_map=device_map,
     )
+    base = load_base()
     base.config.use_cache = False
     from peft import get_peft_model
 
@@ -490,15 +494,7 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
     model.eval()
     probe = PadCollator(tokenizer.pad_token_id)((eval_ds.examples or train_ds.examples)[:2])
     probe = {k: v.to(model.device) for k, v in probe.items()}
-    fresh = load_base_model(
-        model_dir,
-        gguf_file,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        load_in_4bit=args.load_in_4bit,
-        load_in_8bit=args.load_in_8bit,
-        device_map=device_map,
-    )
+    fresh = load_base()
     reloaded = PeftModel.from_pretrained(fresh, args.output_dir).to(model.device).eval()
     diff = _outputs_match(model, reloaded, probe)
     with model.disable_adapter():
