@@ -69,16 +69,10 @@ def tokenize(records: list[dict], tokenizer, max_len: int) -> list[dict]:
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, L)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)  # (B, L)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, L)
-    for row, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[row, :n] = torch.tensor(b["input_ids"])
-        labels[row, :n] = torch.tensor(b["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    """Right-padded ``(B, L)`` batch, as the fine-tuning example pads it."""
+    from peft_gralora.finetune.data import PadCollator
+
+    return PadCollator(pad_id)(batch)
 
 
 def response_loss(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
