@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from .model import load_smollm2, load_smollm2_tokenizer
 
     args = parse_args(argv)
+    t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     name = "quality_quick" if args.quick else "quality"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": data_sizes,
         "zero_shot": zero_shot,
         "runs": runs,
+        # wall time of this invocation (model load, zero-shot eval and every run), the "under an hour" check
+        "elapsed_s": 0.0,
     }
     print(f"[quality] zero-shot held-out loss {zero_shot['loss']:.4f} acc {zero_shot['token_acc']:.4f}", flush=True)
     for seed in args.seeds:
@@ -239,12 +242,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 res = train_one(base, method, r, seed, train, test, pad_id, args)
                 runs.append(res)
+                payload["elapsed_s"] = time.perf_counter() - t_start
                 _write(payload, path, args.out / name)  # after every run: a cut-short sweep keeps its table
                 print(
                     f"[quality] {method} r={r} seed={seed}: held-out loss {res['eval_loss']:.4f} acc "
                     f"{res['eval_token_acc']:.4f} (train {res['train_loss_last5']:.3f}, {res['train_seconds']:.0f}s)",
                     flush=True,
                 )
+    payload["elapsed_s"] = time.perf_counter() - t_start
     _write(payload, path, args.out / name)
     return payload
 
@@ -295,7 +300,9 @@ def markdown(payload: dict[str, Any]) -> str:
         f"lora_alpha = 2r, {'bf16 autocast (fp32 adapters)' if s['bf16'] else 'fp32'}. Loss and top-1 accuracy on "
         "the held-out response tokens; mean over seeds (+- half the range).",
         "",
-        f"Zero-shot base model: held-out loss {z['loss']:.4f}, token accuracy {z['token_acc']:.4f}.",
+        f"Zero-shot base model: held-out loss {z['loss']:.4f}, token accuracy {z['token_acc']:.4f}. "
+        f"Sweep wall time: {payload.get('elapsed_s', 0.0) / 60:.1f} min "
+        f"({payload['environment'].get('torch_threads', '?')} threads).",
         "",
         "| method | r | k | h | seeds | held-out loss | token acc | train loss (last 5 steps) |",
         "|---|---|---|---|---|---|---|---|",
