@@ -299,6 +299,28 @@ def test_repr_shows_fields_for_gralora_only():
     assert "gralora" not in repr(LoraConfig(r=8))
 
 
+@pytest.mark.parametrize(
+    ("left", "right", "equal"),
+    [
+        ({}, {}, True),
+        ({}, {"use_gralora": False}, False),
+        ({}, {"gralora_k": 4}, False),
+        ({}, {"hybrid_r": 4}, False),
+        ({"r": 16}, {}, False),  # peft's own fields still count
+    ],
+)
+def test_eq_compares_gralora_fields(left, right, equal):
+    def make(overrides):
+        kwargs = {"r": 8, "target_modules": ["lin0"], **overrides}
+        if kwargs.pop("use_gralora", True):
+            return LoraConfig(use_gralora=True, **{"gralora_k": 2, "hybrid_r": 0, **kwargs})
+        return LoraConfig(**kwargs)  # everything else identical, GraLoRA off
+
+    assert (make(left) == make(right)) is equal
+    assert (make(right) == make(left)) is equal
+    assert make(left) != "LoraConfig"
+
+
 def test_dataclass_api_keeps_fields():
     cfg = gralora_config(gralora_k=4, hybrid_r=4)
     as_dict = dataclasses.asdict(cfg)

@@ -12,6 +12,8 @@ patch point                           why
 ``LoraConfig.to_dict``                writes the three fields only for GraLoRA configs, so plain LoRA adapters saved
                                       with this package installed stay byte-identical for vanilla peft
 ``LoraConfig.__repr__``               shows the three fields of GraLoRA configs
+``LoraConfig.__eq__``                 the dataclass ``__eq__`` was generated before the three fields existed: also
+                                      compares them, so a GraLoRA config never equals the plain LoRA one
 ``lora.Linear.lora_variants``         maps ``("use_gralora",)`` to :class:`GraLoraLinearVariant` and
                                       ``("use_dora", "use_gralora")`` to :class:`GraLoraDoraLinearVariant`
 ``bnb.Linear4bit/8bitLt``             their hand-written resolvers ignore ``use_gralora``: return the GraLoRA (or
@@ -184,6 +186,17 @@ def _make_config_to_dict(original: Callable) -> Callable:
         return out
 
     return to_dict
+
+
+def _make_config_eq(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def __eq__(self, other: object) -> bool:
+        same = original(self, other)
+        if same is not True:  # False, or NotImplemented for other classes
+            return same
+        return all(getattr(self, name, None) == getattr(other, name, None) for name in GRALORA_FIELDS)
+
+    return __eq__
 
 
 def _make_config_repr(original: Callable) -> Callable:
@@ -455,6 +468,7 @@ def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
         (cfg, "__init__", _make_config_init),
         (cfg, "to_dict", _make_config_to_dict),
         (cfg, "__repr__", _make_config_repr),
+        (cfg, "__eq__", _make_config_eq),
         *[(cfg, name, make) for name, make in defaults.items()],
         (linear, "lora_variants", _make_lora_variants),
         (linear, "get_delta_weight", _make_get_delta_weight),
