@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from peft_gralora.functional import (
     export_lora_factors,
+    gralora_add_delta_,
     gralora_delta_weight,
     gralora_effective_rank,
     gralora_forward,
@@ -82,6 +83,46 @@ def test_delta_weight_matches_dense_formula(layout, seed):
     k, s, h, n, m = layout
     weight_A, weight_B = random_factors(*layout, seed)
     torch.testing.assert_close(gralora_delta_weight(weight_A, weight_B, k, h), dense_delta(weight_A, weight_B, k, h))
+
+
+@PROPS
+@given(layout=layouts(), seed=seeds)
+def test_delta_weight_differentiable_path_matches_dense_formula(layout, seed):
+    k, s, h, n, m = layout
+    weight_A, weight_B = (t.requires_grad_() for t in random_factors(*layout, seed))
+    delta = gralora_delta_weight(weight_A, weight_B, k, h)
+    torch.testing.assert_close(delta, dense_delta(weight_A, weight_B, k, h), **TOL)
+    assert delta.requires_grad  # DoRA's weight norm differentiates through it
+    # finite differences, independent of how the gradient is formed
+    assert torch.autograd.gradcheck(lambda a, b: gralora_delta_weight(a, b, k, h), (weight_A, weight_B))
+
+
+@PROPS
+@given(layout=layouts(), seed=seeds, alpha=st.sampled_from([1.0, -0.5, 3.0]), transposed=st.booleans(),
+       overwrite=st.booleans())  # fmt: skip
+def test_add_delta_in_place_matches_dense_formula(layout, seed, alpha, transposed, overwrite):
+    k, s, h, n, m = layout
+    weight_A, weight_B = random_factors(*layout, seed)
+    base = torch.randn(k * m, k * n, dtype=torch.float64)
+    target = (base.T if transposed else base).clone()
+    if overwrite:
+        target.fill_(float("nan"))  # overwrite must never read the old contents
+    want = alpha * dense_delta(weight_A, weight_B, k, h) + (0 if overwrite else base)
+    out = gralora_add_delta_(target, weight_A, weight_B, k, h, alpha=alpha, transposed=transposed, overwrite=overwrite)
+    assert out is target
+    torch.testing.assert_close(target.T if transposed else target, want, **TOL)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "transposed"),
+    [((12, 8), torch.float64, False), ((8, 12), torch.float64, True), ((8, 12), torch.float32, False)],
+)
+def test_add_delta_rejects_wrong_target(shape, dtype, transposed):
+    weight_A, weight_B = random_factors(2, 2, 1, 6, 4, 0)  # in 12, out 8
+    target = torch.zeros(shape, dtype=dtype)
+    with pytest.raises(ValueError, match=r"gralora_add_delta_: target must be"):
+        gralora_add_delta_(target, weight_A, weight_B, 2, 1, transposed=transposed)
+    assert not target.any()
 
 
 @PROPS

@@ -17,6 +17,7 @@ _LAZY = {
     "GraLoraLinearVariant": "variant",
     "gralora_forward": "functional",
     "gralora_delta_weight": "functional",
+    "gralora_add_delta_": "functional",
     "export_lora_factors": "functional",
     "export_lora": "convert",
     "convert_adapter": "convert",

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .functional import gralora_delta_weight, gralora_forward, init_gralora_A_
+from .functional import gralora_add_delta_, gralora_delta_weight, gralora_forward, init_gralora_A_
 
 __all__ = ["GraLoraLinearVariant", "adapter_weights", "gralora_delta", "is_gralora_adapter"]
 
@@ -46,6 +46,13 @@ def adapter_weights(module: Any, adapter_name: str) -> tuple[torch.Tensor, torch
     return weight_A, weight_B
 
 
+def _compute_factors(weight_A: torch.Tensor, weight_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # half-precision matmuls on CPU are slow and inexact: upcast the (small) factors, as LoRA does
+    if weight_B.device.type == "cpu" and weight_B.dtype in (torch.float16, torch.bfloat16):
+        return weight_A.float(), weight_B.float()
+    return weight_A, weight_B
+
+
 def gralora_delta(module: Any, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``scaling * delta W`` of one GraLoRA adapter, in the base weight's layout (``(in, out)`` for Conv1D).
 
@@ -56,11 +63,36 @@ def gralora_delta(module: Any, adapter_name: str, dtype: torch.dtype | None = No
     """
     weight_A, weight_B = adapter_weights(module, adapter_name)
     out_dtype = dtype or weight_B.dtype
-    if weight_B.device.type == "cpu" and weight_B.dtype in (torch.float16, torch.bfloat16):
-        weight_A, weight_B = weight_A.float(), weight_B.float()
-    delta = gralora_delta_weight(weight_A, weight_B, module.gralora_k[adapter_name], module.hybrid_r[adapter_name])
-    delta = _transpose(delta, getattr(module, "fan_in_fan_out", False)) * module.scaling[adapter_name]
+    weight_A, weight_B = _compute_factors(weight_A, weight_B)
+    k, h = module.gralora_k[adapter_name], module.hybrid_r[adapter_name]
+    fifo = getattr(module, "fan_in_fan_out", False)
+    scaling = module.scaling[adapter_name]
+    if torch.is_grad_enabled() and (weight_A.requires_grad or weight_B.requires_grad):
+        delta = _transpose(gralora_delta_weight(weight_A, weight_B, k, h), fifo) * scaling  # differentiable
+    else:  # written straight into its final layout, scaled on the way: one weight-sized tensor in all
+        shape = (weight_A.shape[1], weight_B.shape[0]) if fifo else (weight_B.shape[0], weight_A.shape[1])
+        delta = gralora_add_delta_(
+            weight_B.new_empty(shape), weight_A, weight_B, k, h, alpha=scaling, transposed=fifo, overwrite=True
+        )
     return delta.to(out_dtype)
+
+
+def _add_delta_in_place(module: Any, adapter_name: str, weight: torch.Tensor, sign: float) -> bool:
+    """``weight += sign * scaling * delta W`` without a weight-sized temporary, when ``weight`` (the base weight's
+    data, in its own layout) has the factors' dtype and device; returns False (nothing done) otherwise."""
+    weight_A, weight_B = _compute_factors(*adapter_weights(module, adapter_name))
+    if weight.dtype != weight_B.dtype or weight.device != weight_B.device or weight.requires_grad:
+        return False
+    gralora_add_delta_(
+        weight,
+        weight_A.detach(),
+        weight_B.detach(),
+        module.gralora_k[adapter_name],
+        module.hybrid_r[adapter_name],
+        alpha=sign * module.scaling[adapter_name],
+        transposed=getattr(module, "fan_in_fan_out", False),
+    )
+    return True
 
 
 class GraLoraLinearVariant:
@@ -91,14 +123,21 @@ class GraLoraLinearVariant:
 
     @staticmethod
     def merge_safe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        merged = orig_weight.detach().clone()  # peft checks it for NaN before it replaces the weight
+        if _add_delta_in_place(module, active_adapter, merged, 1.0):
+            return merged
         return orig_weight + gralora_delta(module, active_adapter, orig_weight.dtype)
 
     @staticmethod
     def merge_unsafe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data += gralora_delta(module, active_adapter, orig_weight.dtype)
+        if not _add_delta_in_place(module, active_adapter, orig_weight.data, 1.0):
+            orig_weight.data += gralora_delta(module, active_adapter, orig_weight.dtype)
 
     @staticmethod
     def unmerge(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        # peft assigns the result to the weight's data, so subtracting in place there is what it asks for
+        if _add_delta_in_place(module, active_adapter, orig_weight.data, -1.0):
+            return orig_weight.data
         return orig_weight.data - gralora_delta(module, active_adapter, orig_weight.dtype)
 
     @staticmethod
