@@ -117,8 +117,21 @@ def _median_ratio(a: list[float], b: list[float]) -> float:
     return ratios[n // 2] if n % 2 else 0.5 * (ratios[n // 2 - 1] + ratios[n // 2])
 
 
-def run_grid(grid: dict[str, tuple[int, ...]], rounds: int, time_budget_s: float, log=print) -> list[dict[str, Any]]:
-    """Every case of the grid, smallest first (so a cut-short run still covers the whole shape range)."""
+def grid_size(grid: dict[str, tuple[int, ...]]) -> int:
+    """Number of cases in a grid."""
+    n = 1
+    for values in grid.values():
+        n *= len(values)
+    return n
+
+
+def run_grid(
+    grid: dict[str, tuple[int, ...]], rounds: int, time_budget_s: float, log=print, on_result=None
+) -> list[dict[str, Any]]:
+    """Every case of the grid, smallest first (so a cut-short run still covers the whole shape range).
+
+    ``on_result(results_so_far)`` runs after every case, so a long grid can be saved as it goes.
+    """
     cases = list(itertools.product(grid["dims"], grid["tokens"], grid["ranks"], grid["ks"], grid["hybrid"]))
     cases.sort(key=lambda c: c[0] * c[0] * c[1])
     results = []
@@ -134,6 +147,8 @@ def run_grid(grid: dict[str, tuple[int, ...]], rounds: int, time_budget_s: float
             f"peak gralora/lora {res.get('peak gralora/lora', 0):.3f} "
             f"({time.perf_counter() - t0:.1f}s, {res['rounds']} rounds)"
         )
+        if on_result is not None:
+            on_result(results)
     return results
 
 

@@ -77,18 +77,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rounds = args.rounds or 15
         budget = args.layer_budget or (8.0 if args.quick else 15.0)
         t0 = time.perf_counter()
-        rows = layer_bench.run_grid(grid, rounds=rounds, time_budget_s=budget, log=log)
-        payload = {
-            "mode": mode,
-            "grid": grid,
-            "environment": env,
-            "elapsed_s": time.perf_counter() - t0,
-            "memory_method": "torch.profiler allocation events (peak of the running sum) and saved_tensors_hooks",
-            "summary": layer_bench.summary(rows),
-            "cases": rows,
-        }
-        write_json(f"layer{args.tag}", payload, out)
-        (out / f"layer{args.tag}.md").write_text(_layer_md(payload))
+
+        def layer_payload(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            return {
+                "mode": mode,
+                "grid": grid,
+                "environment": env,
+                "elapsed_s": time.perf_counter() - t0,
+                "cases_done": f"{len(rows)}/{layer_bench.grid_size(grid)}",
+                "memory_method": "torch.profiler allocation events (peak of the running sum) and saved_tensors_hooks",
+                "summary": layer_bench.summary(rows),
+                "cases": rows,
+            }
+
+        def save_layer(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            payload = layer_payload(rows)
+            write_json(f"layer{args.tag}", payload, out)  # after every case: a cut-short grid keeps what it measured
+            (out / f"layer{args.tag}.md").write_text(_layer_md(payload))
+            return payload
+
+        rows = layer_bench.run_grid(grid, rounds=rounds, time_budget_s=budget, log=log, on_result=save_layer)
+        payload = save_layer(rows)
         layer_bench.plot(rows, out / f"layer{args.tag}.png")
         results["layer"] = payload
 
@@ -146,6 +155,8 @@ def _layer_md(payload: dict[str, Any]) -> str:
         f"# Layer level ({payload['mode']} grid), fp32 CPU",
         "",
         _env_line(payload["environment"]),
+        "",
+        f"Cases measured: {payload.get('cases_done', len(payload['cases']))} in {payload['elapsed_s'] / 60:.0f} min.",
         "",
         "One `nn.Linear(d, d)` adapted by each method at the same total rank r (hybrid: h = r/4); forward + backward "
         "with the input requiring grad; interleaved rounds, medians of per-round ratios (`min` rows: ratio of the "

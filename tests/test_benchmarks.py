@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -107,3 +108,24 @@ def test_response_loss_scores_only_response_tokens():
     full = lm(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     assert n == 2 and 0 <= correct <= 2
     torch.testing.assert_close(loss, full)
+
+
+def test_layer_grid_is_saved_case_by_case(tmp_path):
+    argv = ["--only", "layer", "--out", str(tmp_path), "--threads", "1", "--rounds", "3", "--layer-budget", "0.5"]
+    argv += ["--dims", "64", "--tokens", "32", "--ranks", "8", "--ks", "2", "--hybrid", "0,1"]
+    seen = []
+    real_save = run.write_json
+
+    def spy(name, payload, out):
+        seen.append(len(payload["cases"]))
+        return real_save(name, payload, out)
+
+    run.write_json = spy
+    try:
+        run.main(argv)
+    finally:
+        run.write_json = real_save
+    saved = json.loads((tmp_path / "layer.json").read_text())
+    assert saved["cases_done"] == "2/2" and len(saved["cases"]) == 2
+    assert seen[:2] == [1, 2]  # written after the first case already
+    assert "Cases measured: 2/2" in (tmp_path / "layer.md").read_text()
