@@ -11,8 +11,8 @@ CPU budget: the frozen base runs in bf16 under CPU autocast (twice fp32's matmul
 optimizer stay fp32; the prompt is the signature + docstring (the record's ``input``; the fixed instruction sentence
 is dropped to save tokens) and the targets are the implementation + EOS.
 
-    python -m benchmarks.quality --quick     # ranks 8/32/128, 1 seed  (about 10 minutes on an idle 2-core CPU)
-    python -m benchmarks.quality             # ranks 8/16/32/64/128, 2 seeds
+    python -m benchmarks.quality --quick     # ranks 8/32/128, 1 seed, 10 steps: 8.4 min measured on the 2-core CPU
+    python -m benchmarks.quality             # ranks 8/16/32/64/128, 2 seeds, 20 steps: 46.9 min measured
 
 Every finished run is written to the JSON at once; ``--resume`` skips runs already there.
 """
