@@ -99,8 +99,13 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: in
 
 
 def summarize(times: dict[str, list[float]], base: str = "lora") -> dict[str, Any]:
-    """Median seconds per method and median per-round ratios to ``base`` (and gralora / upstream)."""
+    """Median seconds per method and median per-round ratios to ``base`` (and gralora / upstream).
+
+    The raw per-round seconds are kept too: when rounds differ (background load), the median of per-round ratios
+    and the ratio of the medians can differ by a few percent, and readers can check both.
+    """
     out: dict[str, Any] = {"median_s": {m: statistics.median(v) for m, v in times.items()}, "rounds": len(times[base])}
+    out["times_s"] = {m: list(v) for m, v in times.items()}
     for m, v in times.items():
         if m != base:
             out[f"{m}/{base}"] = statistics.median(a / b for a, b in zip(v, times[base], strict=True))
