@@ -64,6 +64,7 @@ def test_interleaved_timing_and_ratios():
     assert summ["gralora/lora"] == pytest.approx(1.1)
     assert summ["upstream/lora"] == pytest.approx(2.0)
     assert summ["gralora/upstream"] == pytest.approx(0.55)
+    assert summ["times_s"]["gralora"] == [1.1, 2.2, 4.0]  # raw rounds kept for the ratio of medians
 
 
 def test_importtime_parser_finds_a_module():
