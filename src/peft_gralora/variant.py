@@ -124,9 +124,9 @@ class GraLoraLinearVariant:
     @staticmethod
     def merge_safe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         merged = orig_weight.detach().clone()  # peft checks it for NaN before it replaces the weight
-        if _add_delta_in_place(module, active_adapter, merged, 1.0):
-            return merged
-        return orig_weight + gralora_delta(module, active_adapter, orig_weight.dtype)
+        if not _add_delta_in_place(module, active_adapter, merged, 1.0):
+            merged += gralora_delta(module, active_adapter, orig_weight.dtype)
+        return merged
 
     @staticmethod
     def merge_unsafe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> None:
