@@ -58,6 +58,7 @@ from typing import Any
 
 from ..config import GRALORA_FIELDS
 from . import config as _config
+from . import diffusers as _diffusers
 from . import layers as _layers
 from . import model as _model
 from ._targets import peft_targets
@@ -109,7 +110,7 @@ def check_peft_version(version: str | None = None) -> str:
 
 def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for every patched attribute (fields aside), all modules."""
-    return [*_config.patches(), *_layers.patches(), *_model.patches()]
+    return [*_config.patches(), *_layers.patches(), *_model.patches(), *_diffusers.patches()]
 
 
 def _resolve_original(owner: Any, attr: str) -> Any:
@@ -141,23 +142,39 @@ def install() -> None:
         table = patch_table()
         cfg = peft_targets()["LoraConfig"]
         fields = _config.gralora_fields()
-        # build every replacement before touching anything: an error here leaves peft as it was
-        replacements = []
-        for owner, attr, make in table:
-            current = _resolve_original(owner, attr) if attr not in GRALORA_FIELDS else None
-            replacements.append((owner, attr, make(current)))
-        for owner, attr, new in replacements:
-            _originals[(owner, attr)] = owner.__dict__.get(attr, _MISSING)
-            setattr(owner, attr, new)
+        _apply(table)
         for name, field in fields.items():
             if name not in cfg.__dataclass_fields__:
                 cfg.__dataclass_fields__[name] = field
                 _added_fields.append(name)
+        # diffusers' loader modules are usually imported after peft: their rows are applied when they are
+        _diffusers.register_deferred(_apply_deferred)
+
+
+def _apply(table: list[tuple[Any, str, Callable[[Any], Any]]]) -> None:
+    # build every replacement before touching anything: an error here leaves peft as it was
+    replacements = []
+    for owner, attr, make in table:
+        if (owner, attr) in _originals:
+            continue
+        current = _resolve_original(owner, attr) if attr not in GRALORA_FIELDS else None
+        replacements.append((owner, attr, make(current)))
+    for owner, attr, new in replacements:
+        _originals[(owner, attr)] = owner.__dict__.get(attr, _MISSING)
+        setattr(owner, attr, new)
+
+
+def _apply_deferred(table: list[tuple[Any, str, Callable[[Any], Any]]]) -> None:
+    """Rows of a module imported after :func:`install` (a no-op once uninstalled)."""
+    with _lock:
+        if _originals:
+            _apply(table)
 
 
 def uninstall() -> None:
     """Restore peft exactly as it was before :func:`install` (a no-op when not installed)."""
     with _lock:
+        _diffusers.unregister_deferred()
         if not _originals:
             return
         cfg = peft_targets()["LoraConfig"]

@@ -1,0 +1,414 @@
+"""Patches of diffusers' LoRA save / load / hotswap paths, and of peft's ``get_peft_model_state_dict`` that feeds them.
+
+A GraLoRA adapter's tensors are LoRA's ``lora_A`` / ``lora_B`` with LoRA's shapes: nothing in a saved file tells the
+two apart except the adapter metadata. diffusers writes that metadata only when the caller passes
+``<component>_lora_adapter_metadata`` to ``save_lora_weights``; without it, ``load_lora_weights`` builds a plain
+``LoraConfig`` from the shapes and computes plain LoRA on GraLoRA weights, without a word. So:
+
+- ``get_peft_model_state_dict`` remembers (weakly, per tensor) which GraLoRA config the tensors it returns belong to.
+  The tensors survive diffusers' key conversions (``convert_state_dict_to_diffusers`` renames keys, keeps tensors).
+- ``LoraBaseMixin._save_lora_weights`` (every pipeline's ``save_lora_weights`` ends there) writes that config as the
+  component's adapter metadata when the caller passed none, and refuses metadata that contradicts it, a state dict
+  that mixes GraLoRA tensors with unknown ones, and ``safe_serialization=False`` (torch.save files carry no metadata).
+- ``PeftAdapterMixin.save_lora_adapter`` refuses ``safe_serialization=False`` for a GraLoRA adapter (same reason).
+- ``_create_lora_config`` (where ``load_lora_adapter`` / the text-encoder loader turn a state dict into a config)
+  takes the remembered config for an in-memory GraLoRA state dict passed without metadata, refuses metadata that
+  contradicts it, and, for ``hotswap=True``, checks that the resident and the incoming adapter have the same GraLoRA
+  layout. That check runs before diffusers' hotswap ``try`` block, whose error handler deletes the resident adapter.
+
+What cannot be known: a file written without metadata by other code (or from copies of the tensors, e.g. after
+``.to(torch.float16)``) is indistinguishable from a plain LoRA file and loads as plain LoRA.
+
+diffusers' loader modules are usually imported after peft (and so after :func:`peft_gralora.integration.install`):
+their rows are applied by a post-import finder the moment each module has finished executing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import functools
+import importlib.util
+import sys
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from ..config import GRALORA_FIELDS
+
+__all__ = ["patches", "deferred_modules", "register_deferred", "unregister_deferred", "gralora_metadata_of"]
+
+LORA_BASE = "diffusers.loaders.lora_base"
+LOADERS_PEFT = "diffusers.loaders.peft"
+_FIELD_DEFAULTS = {name: default for name, (_, default, _) in GRALORA_FIELDS.items()}
+
+# --- which GraLoRA config a tensor came from -------------------------------------------------------------------------
+
+# id(tensor) -> (weakref to the tensor, config dict); and the same keyed by the tensor's memory, for tensors that share
+# it (``.detach()``, a ``.to()`` that copies nothing). A live entry keeps its tensor's storage alive, so an address
+# match with a live entry cannot be a reused address.
+_BY_ID: dict[int, tuple[weakref.ref, dict]] = {}
+_BY_MEMORY: dict[tuple, tuple[weakref.ref, dict]] = {}
+
+
+def _memory_key(tensor: torch.Tensor) -> tuple | None:
+    try:
+        ptr = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # meta / sparse / wrapper tensors
+        return None
+    if not ptr:
+        return None
+    return (ptr, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device)
+
+
+def _remember(tensor: torch.Tensor, meta: dict) -> None:
+    keys = [(_BY_ID, id(tensor)), (_BY_MEMORY, _memory_key(tensor))]
+
+    def forget(ref: weakref.ref) -> None:
+        for table, key in keys:
+            if key is not None and table.get(key, (None,))[0] is ref:
+                del table[key]
+
+    ref = weakref.ref(tensor, forget)
+    for table, key in keys:
+        if key is not None:
+            table[key] = (ref, meta)
+
+
+def gralora_metadata_of(tensor: Any) -> dict | None:
+    """The config dict of the GraLoRA adapter ``tensor`` was returned for by ``get_peft_model_state_dict`` (or a
+    tensor sharing its memory), else None."""
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    entry = _BY_ID.get(id(tensor))
+    if entry is not None and entry[0]() is tensor:
+        return entry[1]
+    key = _memory_key(tensor)
+    entry = _BY_MEMORY.get(key) if key is not None else None
+    if entry is not None and entry[0]() is not None:
+        return entry[1]
+    return None
+
+
+def _gralora_triple(meta: dict | None) -> tuple:
+    meta = meta or {}
+    return tuple(meta.get(name, default) for name, default in _FIELD_DEFAULTS.items())
+
+
+def _is_gralora_meta(meta: dict | None) -> bool:
+    return bool((meta or {}).get("use_gralora", False))
+
+
+def _make_get_peft_model_state_dict(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_peft_model_state_dict(model, state_dict=None, adapter_name="default", *args, **kwargs):
+        result = original(model, state_dict, adapter_name, *args, **kwargs)
+        config = getattr(model, "peft_config", {}).get(adapter_name)
+        if getattr(config, "use_gralora", False):
+            meta = _config_dict(config)
+            for key, tensor in result.items():
+                if ".lora_" in key and isinstance(tensor, torch.Tensor):
+                    _remember(tensor, meta)
+        return result
+
+    return get_peft_model_state_dict
+
+
+def _config_dict(config: Any) -> dict:
+    """``config.to_dict()`` in the JSON-ready form diffusers writes into the file's adapter metadata."""
+    meta = copy.deepcopy(config.to_dict())
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+
+
+# --- what a state dict says about itself -----------------------------------------------------------------------------
+
+
+def _lora_tensors(state_dict: dict) -> dict[str, Any]:
+    # "lora" anywhere: diffusers' own key formats (``lora.down``, ``lora_linear_layer``) and peft's (``lora_A``)
+    return {k: v for k, v in state_dict.items() if "lora" in k and isinstance(v, torch.Tensor)}
+
+
+def _remembered_config(state_dict: dict, where: str, fix: str) -> dict | None:
+    """The one GraLoRA config behind ``state_dict``'s LoRA tensors; None when no tensor is a GraLoRA one.
+
+    Raises:
+        ValueError: the tensors come from several GraLoRA configs, or mix GraLoRA tensors with unknown ones.
+    """
+    lora = _lora_tensors(state_dict)
+    found = {key: gralora_metadata_of(t) for key, t in lora.items()}
+    metas = {id(m): m for m in found.values() if m is not None}
+    if not metas:
+        return None
+    layouts = {repr(sorted(m.items(), key=lambda kv: kv[0])) for m in metas.values()}
+    if len(layouts) > 1:
+        raise ValueError(
+            f"{where}: the LoRA tensors come from {len(layouts)} different GraLoRA adapters (configs), which one "
+            f"adapter metadata cannot describe. Save each adapter separately, or {fix}."
+        )
+    unknown = [key for key, m in found.items() if m is None]
+    if unknown:
+        raise ValueError(
+            f"{where}: the state dict mixes tensors of a GraLoRA adapter with {len(unknown)} LoRA tensors of unknown "
+            f"origin (e.g. {unknown[0]!r}: a copy, or another adapter), so it is not known whether they are GraLoRA. "
+            f"Pass the tensors returned by get_peft_model_state_dict, or {fix}."
+        )
+    return next(iter(metas.values()))
+
+
+def _check_consistent(given: dict, remembered: dict, where: str, fix: str) -> None:
+    if _gralora_triple(given) != _gralora_triple(remembered):
+        names = tuple(_FIELD_DEFAULTS)
+        raise ValueError(
+            f"{where}: the adapter metadata says {dict(zip(names, _gralora_triple(given), strict=True))}, but the "
+            f"tensors belong to a GraLoRA adapter with {dict(zip(names, _gralora_triple(remembered), strict=True))}; "
+            f"loading would compute another adapter. {fix}"
+        )
+
+
+# --- save ------------------------------------------------------------------------------------------------------------
+
+
+def _module_has_gralora(module: torch.nn.Module) -> bool:
+    from ..variant import is_gralora_adapter
+
+    return any(is_gralora_adapter(m, name) for m in module.modules() for name in getattr(m, "lora_variant", {}) or {})
+
+
+def _metadata_for_save(prefix: str, layers: Any, given: dict | None, safe_serialization: bool) -> dict | None:
+    """The adapter metadata to write for one component: ``given``, or the remembered GraLoRA config."""
+    arg = f"{prefix}_lora_adapter_metadata"
+    where = f"save_lora_weights({prefix}_lora_layers=...)"
+    fix = f"pass {arg}=<model>.peft_config[<adapter>].to_dict()"
+    if isinstance(layers, torch.nn.Module):
+        remembered = None
+        if _module_has_gralora(layers) and not _is_gralora_meta(given):
+            raise ValueError(
+                f"{where}: the module holds GraLoRA adapters, but no GraLoRA adapter metadata was given, so the "
+                f"file would load as plain LoRA. {fix[0].upper()}{fix[1:]}."
+            )
+    else:
+        remembered = _remembered_config(layers, where, fix)
+    gralora = remembered is not None or _is_gralora_meta(given)
+    if gralora and not safe_serialization:
+        raise ValueError(
+            f"{where}: GraLoRA adapters need safe_serialization=True. Their layout lives only in the adapter "
+            "metadata of the safetensors header; a torch.save file has none and would load as plain LoRA."
+        )
+    if remembered is None:
+        return given
+    if not given:
+        return copy.deepcopy(remembered)
+    _check_consistent(given, remembered, where, f"Pass {arg} of the adapter you save (or none: it is filled in).")
+    return given
+
+
+def _make_save_lora_weights(original: Any) -> classmethod:
+    func = original.__func__
+
+    @functools.wraps(func)
+    def _save_lora_weights(cls, save_directory, lora_layers, lora_metadata, *args, **kwargs):
+        safe = kwargs.get("safe_serialization", args[3] if len(args) > 3 else True)
+        lora_metadata = dict(lora_metadata)
+        for prefix, layers in lora_layers.items():
+            lora_metadata[prefix] = _metadata_for_save(prefix, layers, lora_metadata.get(prefix), safe)
+        return func(cls, save_directory, lora_layers, lora_metadata, *args, **kwargs)
+
+    return classmethod(_save_lora_weights)
+
+
+def _make_save_lora_adapter(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def save_lora_adapter(self, save_directory, adapter_name="default", *args, **kwargs):
+        safe = kwargs.get("safe_serialization", args[1] if len(args) > 1 else True)
+        if adapter_name is None:
+            from diffusers.utils import get_adapter_name
+
+            adapter_name = get_adapter_name(self)
+        config = getattr(self, "peft_config", {}).get(adapter_name)
+        if getattr(config, "use_gralora", False) and not safe:
+            raise ValueError(
+                f"save_lora_adapter({adapter_name!r}): GraLoRA adapters need safe_serialization=True. Their layout "
+                "lives only in the adapter metadata of the safetensors header; a torch.save file has none and would "
+                "load as plain LoRA."
+            )
+        return original(self, save_directory, adapter_name, *args, **kwargs)
+
+    return save_lora_adapter
+
+
+# --- load and hotswap ------------------------------------------------------------------------------------------------
+
+# (model, hotswap) of the load_lora_adapter call in progress: _create_lora_config does not receive them
+_LOADING: contextvars.ContextVar[tuple[Any, bool] | None] = contextvars.ContextVar("gralora_diffusers_load")
+
+
+def _make_load_lora_adapter(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False, **kwargs):
+        token = _LOADING.set((self, bool(hotswap)))
+        try:
+            return original(self, pretrained_model_name_or_path_or_dict, prefix=prefix, hotswap=hotswap, **kwargs)
+        finally:
+            _LOADING.reset(token)
+
+    return load_lora_adapter
+
+
+def _check_hotswap(model: Any, adapter_name: str, incoming: Any) -> None:
+    """Refuse, before anything changes, a hotswap between adapters of different GraLoRA layouts."""
+    resident = getattr(model, "peft_config", {}).get(adapter_name)
+    if resident is None:
+        return  # diffusers refuses a hotswap into a missing adapter itself
+    old = tuple(getattr(resident, name, default) for name, default in _FIELD_DEFAULTS.items())
+    new = tuple(getattr(incoming, name, default) for name, default in _FIELD_DEFAULTS.items())
+    if not (old[0] or new[0]):
+        return
+    if (old[0], old[0] and old[1:]) != (new[0], new[0] and new[1:]):
+        names = tuple(_FIELD_DEFAULTS)
+        raise ValueError(
+            f"Cannot hotswap adapter {adapter_name!r}: the resident adapter has "
+            f"{dict(zip(names, old, strict=True))}, the new one {dict(zip(names, new, strict=True))}. The swap "
+            "copies weights into the resident layout, which would compute neither adapter. Load the new adapter "
+            "without hotswap=True (under another adapter_name), or hotswap adapters of the same GraLoRA layout."
+        )
+    # peft's own config check (with whatever GraLoRA awareness is installed into it), run here, before diffusers'
+    # hotswap block: a failure inside that block makes diffusers delete the resident adapter
+    from peft.utils import hotswap as peft_hotswap
+
+    peft_hotswap.check_hotswap_configs_compatible(resident, incoming)
+
+
+def _make_create_lora_config(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def _create_lora_config(state_dict, network_alphas, metadata, rank_pattern_dict, *args, **kwargs):
+        where = "load_lora_adapter / load_lora_weights"
+        fix = "pass metadata=<model>.peft_config[<adapter>].to_dict() (load_lora_adapter) or save with it"
+        remembered = _remembered_config(state_dict, where, fix)
+        if remembered is not None:
+            if metadata is None:
+                metadata = copy.deepcopy(remembered)
+            else:
+                _check_consistent(metadata, remembered, where, "Pass the metadata of the adapter you load, or none.")
+        config = original(state_dict, network_alphas, metadata, rank_pattern_dict, *args, **kwargs)
+        loading = _LOADING.get(None)
+        if loading is not None and loading[1]:
+            _check_hotswap(loading[0], kwargs.get("adapter_name"), config)
+        return config
+
+    return _create_lora_config
+
+
+# --- patch rows ------------------------------------------------------------------------------------------------------
+
+
+def _peft_rows() -> list[tuple[Any, str, Callable[[Any], Any]]]:
+    import peft
+    import peft.utils
+    from peft.utils import save_and_load
+
+    owners = [save_and_load, peft.utils, peft]
+    return [(owner, "get_peft_model_state_dict", _make_get_peft_model_state_dict) for owner in owners]
+
+
+def _module_rows(name: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
+    module = sys.modules[name]
+    if name == LORA_BASE:
+        return [
+            (module.LoraBaseMixin, "_save_lora_weights", _make_save_lora_weights),
+            (module, "_create_lora_config", _make_create_lora_config),
+        ]
+    return [
+        (module.PeftAdapterMixin, "load_lora_adapter", _make_load_lora_adapter),
+        (module.PeftAdapterMixin, "save_lora_adapter", _make_save_lora_adapter),
+        (module, "_create_lora_config", _make_create_lora_config),
+    ]
+
+
+_MARKERS = {LORA_BASE: "LoraBaseMixin", LOADERS_PEFT: "PeftAdapterMixin"}
+
+
+def _loaded(name: str) -> bool:
+    """Whether diffusers module ``name`` has finished executing (not merely started: it may be importing peft)."""
+    return hasattr(sys.modules.get(name), _MARKERS[name])
+
+
+def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
+    """``(owner, attribute, make_replacement(original))`` for peft's state-dict function and the diffusers loader
+    modules already imported; the others come through :func:`register_deferred`."""
+    rows = _peft_rows()
+    for name in _MARKERS:
+        if _loaded(name):
+            rows += _module_rows(name)
+    return rows
+
+
+def deferred_modules() -> list[str]:
+    """diffusers loader modules not imported yet, whose rows :func:`register_deferred` applies on import."""
+    return [name for name in _MARKERS if not _loaded(name)]
+
+
+class _LoaderThenPatch:
+    """Runs a module's own loader, then hands the finished module's rows to ``apply``."""
+
+    def __init__(self, loader: Any, apply: Callable[[list], None]) -> None:
+        self._loader = loader
+        self._apply = apply
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        _Finder.pending.discard(module.__name__)
+        if not _Finder.pending:
+            unregister_deferred()
+        self._apply(_module_rows(module.__name__))
+
+
+class _Finder:
+    """``sys.meta_path`` finder answering only for the pending diffusers loader modules."""
+
+    pending: set[str] = set()
+    apply: Callable[[list], None] | None = None
+    _searching = False
+
+    def find_spec(self, fullname: str, path: Iterable[str] | None = None, target: Any = None) -> Any:
+        if fullname not in self.pending or type(self)._searching:
+            return None
+        type(self)._searching = True
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _LoaderThenPatch(spec.loader, type(self).apply)
+                    return spec
+            return None
+        finally:
+            type(self)._searching = False
+
+
+def register_deferred(apply: Callable[[list], None]) -> None:
+    """Apply the rows of each diffusers loader module not imported yet, through ``apply``, once it is imported."""
+    pending = deferred_modules()
+    if not pending or importlib.util.find_spec("diffusers") is None:
+        return
+    _Finder.pending = set(pending)
+    _Finder.apply = apply
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+
+
+def unregister_deferred() -> None:
+    """Remove the post-import finder (nothing is applied to diffusers modules imported later)."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Finder)]
