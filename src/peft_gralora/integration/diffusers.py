@@ -44,7 +44,7 @@ LORA_BASE = "diffusers.loaders.lora_base"
 LOADERS_PEFT = "diffusers.loaders.peft"
 _FIELD_DEFAULTS = {name: default for name, (_, default, _) in GRALORA_FIELDS.items()}
 
-# --- which GraLoRA config a tensor came from -------------------------------------------------------------------------
+# --- which GraLoRA config a tensor came from ---
 
 # id(tensor) -> (weakref to the tensor, config dict); and the same keyed by the tensor's memory, for tensors that share
 # it (``.detach()``, a ``.to()`` that copies nothing). A live entry keeps its tensor's storage alive, so an address
@@ -122,7 +122,7 @@ def _config_dict(config: Any) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
 
 
-# --- what a state dict says about itself -----------------------------------------------------------------------------
+# --- what a state dict says about itself ---
 
 
 def _lora_tensors(state_dict: dict) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def _check_consistent(given: dict, remembered: dict, where: str, fix: str) -> No
         )
 
 
-# --- save ------------------------------------------------------------------------------------------------------------
+# --- save ---
 
 
 def _module_has_gralora(module: torch.nn.Module) -> bool:
@@ -238,7 +238,7 @@ def _make_save_lora_adapter(original: Callable) -> Callable:
     return save_lora_adapter
 
 
-# --- load and hotswap ------------------------------------------------------------------------------------------------
+# --- load and hotswap ---
 
 # (model, hotswap) of the load_lora_adapter call in progress: _create_lora_config does not receive them
 _LOADING: contextvars.ContextVar[tuple[Any, bool] | None] = contextvars.ContextVar("gralora_diffusers_load")
@@ -300,7 +300,7 @@ def _make_create_lora_config(original: Callable) -> Callable:
     return _create_lora_config
 
 
-# --- patch rows ------------------------------------------------------------------------------------------------------
+# --- patch rows ---
 
 
 def _peft_rows() -> list[tuple[Any, str, Callable[[Any], Any]]]:
