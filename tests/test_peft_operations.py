@@ -390,9 +390,11 @@ def test_cat_gives_plain_lora_when_k_does_not_divide_a_layer():
     assert cfg.use_gralora is False and cfg.r == 8 * 8 + 4
     for name, layer in lora_layers(model).items():
         assert "mix" not in layer.lora_variant
-        expected = WEIGHTS[1] * layer.scaling["second"] * (
-            layer.lora_B["second"].weight.double() @ layer.lora_A["second"].weight.double()
-        ).detach()
+        expected = (
+            WEIGHTS[1]
+            * layer.scaling["second"]
+            * (layer.lora_B["second"].weight.double() @ layer.lora_A["second"].weight.double()).detach()
+        )
         if name.endswith("lin0"):
             expected = expected + WEIGHTS[0] * ref_delta(layer, "first", 8, 0, layer.scaling["first"])
         got = layer.lora_B["mix"].weight.double() @ layer.lora_A["mix"].weight.double() * layer.scaling["mix"]

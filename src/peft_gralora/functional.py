@@ -476,8 +476,7 @@ def gralora_pieces(
     shp = gralora_shape(weight_A, weight_B, k, hybrid_r)
     if target_k < 1 or shp.in_features % target_k or shp.out_features % target_k:
         raise ValueError(
-            f"gralora_k={target_k} does not divide in_features={shp.in_features} and out_features="
-            f"{shp.out_features}."
+            f"gralora_k={target_k} does not divide in_features={shp.in_features} and out_features={shp.out_features}."
         )
     g, s = shp.g, shp.s
     pieces = GraloraPieces(target_k, [], [])

@@ -135,7 +135,9 @@ def _make_prepare_model_for_compiled_hotswap(original: Callable) -> Callable:
         for key, cfg in configs.items():
             if getattr(cfg, "use_gralora", False):
                 if cfg.rank_pattern and any(v > target_rank for v in cfg.rank_pattern.values()):
-                    raise ValueError(f"prepare_model_for_compiled_hotswap: config {key!r} has ranks above target_rank.")
+                    raise ValueError(
+                        f"prepare_model_for_compiled_hotswap: config {key!r} has ranks above target_rank."
+                    )
                 new_config_h[key] = padded_layout(
                     max(cfg.r, *cfg.rank_pattern.values()) if cfg.rank_pattern else cfg.r,
                     cfg.gralora_k,
@@ -160,7 +162,8 @@ def _incoming_layers(state_dict: dict[str, Any], adapter_name: str) -> dict[str,
     layers: dict[str, dict[str, str]] = {}
     for key in state_dict:
         parts = key.split(".")
-        if len(parts) >= 4 and parts[-1] == "weight" and parts[-2] == adapter_name and parts[-3] in ("lora_A", "lora_B"):
+        is_factor = len(parts) >= 4 and parts[-3] in ("lora_A", "lora_B")
+        if is_factor and parts[-1] == "weight" and parts[-2] == adapter_name:
             layers.setdefault(".".join(parts[:-3]), {})[parts[-3][-1]] = key
     return layers
 
@@ -168,7 +171,11 @@ def _incoming_layers(state_dict: dict[str, Any], adapter_name: str) -> dict[str,
 def _make_hotswap_adapter_from_state_dict(original: Callable) -> Callable:
     @functools.wraps(original)
     def hotswap_adapter_from_state_dict(
-        model: Any, state_dict: dict[str, torch.Tensor], adapter_name: str, config: Any, parameter_prefix: str = "lora_"
+        model: Any,
+        state_dict: dict[str, torch.Tensor],
+        adapter_name: str,
+        config: Any,
+        parameter_prefix: str = "lora_",
     ) -> None:
         incoming_gralora = bool(getattr(config, "use_gralora", False))
         from peft.tuners.lora import LoraLayer
@@ -195,7 +202,9 @@ def _make_hotswap_adapter_from_state_dict(original: Callable) -> Callable:
                 )
             weight_A, weight_B = state_dict[keys["A"]], state_dict[keys["B"]]
             resident_A = module.lora_A[adapter_name].weight
-            res_k, res_h = (module.gralora_k[adapter_name], module.hybrid_r[adapter_name]) if resident_gralora else (1, 0)
+            res_k, res_h = (1, 0)
+            if resident_gralora:
+                res_k, res_h = module.gralora_k[adapter_name], module.hybrid_r[adapter_name]
             in_k, in_h = (config.gralora_k, config.hybrid_r) if incoming_gralora else (1, 0)
             try:
                 gralora_shape(weight_A, weight_B, in_k, in_h)
@@ -207,15 +216,20 @@ def _make_hotswap_adapter_from_state_dict(original: Callable) -> Callable:
             try:
                 with torch.no_grad():
                     fitted_A, fitted_B = gralora_fit_factors(
-                        weight_A.to(resident_A.device), weight_B.to(resident_A.device), in_k, in_h, res_k, res_h,
+                        weight_A.to(resident_A.device),
+                        weight_B.to(resident_A.device),
+                        in_k,
+                        in_h,
+                        res_k,
+                        res_h,
                         resident_A.shape[0],
                     )
             except ValueError as exc:
                 incoming = f"GraLoRA (gralora_k={in_k}, hybrid_r={in_h})" if incoming_gralora else "plain LoRA"
                 resident = f"GraLoRA (gralora_k={res_k}, hybrid_r={res_h})" if resident_gralora else "plain LoRA"
                 raise ValueError(
-                    f"{where}: the incoming {incoming} adapter of rank {weight_A.shape[0]} cannot be placed exactly in "
-                    f"the resident {resident} layout of rank {resident_A.shape[0]}: {exc} Pad the resident adapter "
+                    f"{where}: the incoming {incoming} adapter of rank {weight_A.shape[0]} cannot be placed exactly "
+                    f"in the resident {resident} layout of rank {resident_A.shape[0]}: {exc} Pad the resident adapter "
                     "first with prepare_model_for_compiled_hotswap(model, target_rank=..., target_hybrid_r=...) (or "
                     "diffusers' enable_lora_hotswap(target_rank=...)) to a layout that holds it, or load it with "
                     "load_adapter instead of hotswapping. Nothing was swapped."

@@ -199,7 +199,9 @@ def _gralora_cat(self, adapters: list[str], weights: list[float], adapter_name: 
         raise ValueError(f"add_weighted_adapter got {len(adapters)} adapters but {len(weights)} weights.")
     configs = [self.peft_config[a] for a in adapters]
     layers = _cat_layers(self, adapters)
-    layout = {a: (c.gralora_k, c.hybrid_r) if c.use_gralora else (1, 0) for a, c in zip(adapters, configs)}
+    layout = {
+        a: (c.gralora_k, c.hybrid_r) if c.use_gralora else (1, 0) for a, c in zip(adapters, configs, strict=True)
+    }
     target_k = next(c.gralora_k for c in configs if c.use_gralora)
     shapes = {n: (layer.in_features, layer.out_features) for n, layer in layers.items()}
     if any(i % target_k or o % target_k for i, o in shapes.values()):
@@ -243,15 +245,13 @@ def _gralora_cat(self, adapters: list[str], weights: list[float], adapter_name: 
     for name, layer in layers.items():
         pieces = []
         bias = None
-        for a, w in zip(adapters, weights):
+        for a, w in zip(adapters, weights, strict=True):
             if a not in layer.lora_A:
                 continue
             factor = w * _scaling_value(layer.scaling[a]) / new_scaling
             p = cut[name][a]
             pieces.append(
-                GraloraPieces(
-                    p.k, [(a3 * factor, b3) for a3, b3 in p.grid], [(pa * factor, pb) for pa, pb in p.plain]
-                )
+                GraloraPieces(p.k, [(a3 * factor, b3) for a3, b3 in p.grid], [(pa * factor, pb) for pa, pb in p.plain])
             )
             b = layer.lora_B[a].bias
             if b is not None:
