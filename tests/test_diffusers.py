@@ -331,3 +331,160 @@ def test_set_adapters_weights(case, tmp_path):
     pipe.set_adapters(["a0", "a1"], adapter_weights=weights)
     expected = _reference(case, [(sd, c, w) for sd, c, w in zip(state_dicts, configs, weights, strict=True)])
     torch.testing.assert_close(case.run(target), expected, atol=ATOL, rtol=0)
+
+
+# --- refusals: never a plain-LoRA reading of GraLoRA weights ---
+
+
+def _plain_config(r=4, alpha=6) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        _plain_config(r=4, alpha=6).to_dict(),
+        _config(r=4, alpha=6, k=4).to_dict(),
+        {**_config(r=4, alpha=6).to_dict(), "use_gralora": False},
+    ],
+    ids=["plain_lora", "other_k", "use_gralora_false"],
+)
+def test_save_refuses_contradicting_metadata(case, metadata, tmp_path):
+    model = _trained(case, _config(r=4, alpha=6, k=2))
+    with pytest.raises(ValueError, match="tensors belong to a GraLoRA adapter"):
+        case.save(tmp_path, get_peft_model_state_dict(model), metadata)
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_refuses_torch_save(case, tmp_path):
+    model = _trained(case)
+    with pytest.raises(ValueError, match="safe_serialization=True"):
+        case.save(tmp_path, get_peft_model_state_dict(model), safe_serialization=False)
+    with pytest.raises(ValueError, match="safe_serialization=True"):
+        model.save_lora_adapter(tmp_path, safe_serialization=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_refuses_mixed_state_dicts(case, tmp_path):
+    gralora = _trained(case, _config(k=2))
+    other = _trained(case, _config(k=4))
+    plain = _trained(case, _plain_config())
+    first = get_peft_model_state_dict(gralora)
+    key = next(iter(first))
+    with pytest.raises(ValueError, match="different GraLoRA adapters"):
+        case.save(tmp_path, {**first, key: get_peft_model_state_dict(other)[key]})
+    with pytest.raises(ValueError, match="unknown origin"):
+        case.save(tmp_path, {**first, key: get_peft_model_state_dict(plain)[key]})
+    assert not list(tmp_path.iterdir())
+    # with metadata, the caller vouches for the whole dict
+    case.save(tmp_path, {**first, key: get_peft_model_state_dict(plain)[key]}, gralora.peft_config["default"].to_dict())
+
+
+def test_load_refuses_contradicting_metadata(case):
+    model = _trained(case, _config(k=2))
+    state_dict = get_peft_model_state_dict(model)
+    target = case.model()
+    base = case.run(target)
+    with pytest.raises(ValueError, match="tensors belong to a GraLoRA adapter"):
+        target.load_lora_adapter(state_dict, prefix=None, adapter_name="a", metadata=_plain_config().to_dict())
+    assert "a" not in getattr(target, "peft_config", {})
+    torch.testing.assert_close(case.run(target), base, atol=0, rtol=0)
+
+
+def test_plain_lora_files_unchanged(case, tmp_path):
+    """Plain LoRA keeps diffusers' behaviour: no metadata is added, and it loads as plain LoRA."""
+    config = _plain_config(r=4, alpha=4)  # diffusers assumes alpha == r without metadata
+    model = _trained(case, config)
+    state_dict = get_peft_model_state_dict(model)
+    case.save(tmp_path, state_dict)
+    assert "lora_adapter_metadata" not in _header(tmp_path / "pytorch_lora_weights.safetensors")
+    pipe = case.new_pipe()
+    pipe.load_lora_weights(tmp_path, adapter_name="a")
+    target = getattr(pipe, case.component)
+    assert _variants(target, "a") == {"NoneType"}
+    torch.testing.assert_close(case.run(target), _reference(case, [(state_dict, config, 1.0)]), atol=ATOL, rtol=0)
+
+
+# --- hotswap ---
+
+
+def _saved(case: Case, config: LoraConfig, directory: Path, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = _adapted(case, config)
+    with torch.no_grad():  # distinct non-zero weights per seed
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    state_dict = get_peft_model_state_dict(model)
+    case.save(directory, state_dict, model.peft_config["default"].to_dict())
+    return state_dict
+
+
+def test_hotswap_same_layout_is_exact(case, tmp_path):
+    config = _config(r=4, alpha=6, k=2, h=2)
+    _saved(case, config, tmp_path / "a", 1)
+    sd_b = _saved(case, config, tmp_path / "b", 2)
+    pipe = case.new_pipe()
+    pipe.load_lora_weights(tmp_path / "a", adapter_name="x")
+    pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
+    target = getattr(pipe, case.component)
+    assert _variants(target, "x") == {"GraLoraLinearVariant"}
+    torch.testing.assert_close(case.run(target), _reference(case, [(sd_b, config, 1.0)]), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "resident,incoming",
+    [
+        (_config(r=4, k=2), _config(r=4, k=4)),
+        (_config(r=4, k=2, h=0), _config(r=4, k=2, h=2)),
+        (_config(r=4, k=2), _plain_config(r=4)),
+        (_plain_config(r=4), _config(r=4, k=2)),
+    ],
+    ids=["k2_to_k4", "hybrid0_to_hybrid2", "gralora_to_lora", "lora_to_gralora"],
+)
+def test_hotswap_refuses_other_layout_before_any_change(case, resident, incoming, tmp_path):
+    sd_a = _saved(case, resident, tmp_path / "a", 1)
+    _saved(case, incoming, tmp_path / "b", 2)
+    pipe = case.new_pipe()
+    pipe.load_lora_weights(tmp_path / "a", adapter_name="x")
+    target = getattr(pipe, case.component)
+    before = {n: p.detach().clone() for n, p in target.named_parameters()}
+    with pytest.raises(ValueError, match="Cannot hotswap adapter 'x'"):
+        pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
+    # the resident adapter is untouched: same config, same weights, same output
+    assert target.peft_config["x"] == resident
+    for n, p in target.named_parameters():
+        assert torch.equal(p, before[n]), n
+    torch.testing.assert_close(case.run(target), _reference(case, [(sd_a, resident, 1.0)]), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        (_config(r=4, alpha=6, k=2), _config(r=8, alpha=4, k=2)),
+        (_config(r=8, alpha=6, k=2, h=4), _config(r=4, alpha=3, k=2, h=0)),
+    ],
+    ids=["r4_to_r8", "r8h4_to_r4h0"],
+)
+def test_enable_lora_hotswap_exact_or_refused(case, first, second, tmp_path):
+    """enable_lora_hotswap pads the first adapter to target_rank (peft's prepare_model_for_compiled_hotswap):
+    either exact for GraLoRA, or a ValueError; then the swap: exact, or a ValueError that leaves the first adapter."""
+    sd_a = _saved(case, first, tmp_path / "a", 1)
+    sd_b = _saved(case, second, tmp_path / "b", 2)
+    pipe = case.new_pipe()
+    target = getattr(pipe, case.component)
+    pipe.enable_lora_hotswap(target_rank=8)
+    try:
+        pipe.load_lora_weights(tmp_path / "a", adapter_name="x")
+    except ValueError:
+        assert not getattr(target, "peft_config", {})
+        torch.testing.assert_close(case.run(target), case.run(case.model()), atol=0, rtol=0)
+        return
+    expected_a = _reference(case, [(sd_a, first, 1.0)])
+    torch.testing.assert_close(case.run(target), expected_a, atol=ATOL, rtol=0)
+    try:
+        pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
+    except ValueError:
+        torch.testing.assert_close(case.run(target), expected_a, atol=ATOL, rtol=0)
+        return
+    torch.testing.assert_close(case.run(target), _reference(case, [(sd_b, second, 1.0)]), atol=ATOL, rtol=0)

@@ -275,10 +275,136 @@ def test_linear_family_mixed_layouts_refused(combination, partner):
     assert not any("mix" in layer.lora_A for layer in lora_layers(model).values())
 
 
-@pytest.mark.parametrize("partner", ["same", "plain"])
-def test_cat_refused(partner):
-    model = _two_adapters(TinyMLP, ["lin0", "lin1"], partner)
-    with pytest.raises(ValueError, match=r"combination_type='cat'.*misplaces GraLoRA blocks.*export_lora"):
+# partners for cat: the shared PARTNERS plus rank_pattern, rslora on the first adapter's side, and k = 1
+CAT_PARTNERS = {
+    **PARTNERS,
+    "hybrid-rslora": (dict(r=8, hybrid_r=2, use_rslora=True), 2, 2, True),
+    "rank-pattern": (dict(r=8, rank_pattern={"lin1": 4}), 2, 0, True),
+    "k1": (dict(gralora_k=1, hybrid_r=1), 1, 1, True),
+    "plain-rslora": (dict(use_gralora=False, r=6, use_rslora=True), None, None, False),
+}
+# partner -> (use_gralora, gralora_k, r, hybrid_r) of the result on TinyMLP with "first" = (r=4, k=2, h=0)
+CAT_LAYOUTS = {
+    "same": (True, 2, 8, 0),
+    "k4": (True, 2, 20, 16),  # k=4 does not fit k=2 blocks: its exact plain export (rank 4 * 4) joins the hybrid
+    "hybrid": (True, 2, 8, 2),
+    "plain": (True, 2, 8, 4),
+    "hybrid-rslora": (True, 2, 12, 2),
+    "rank-pattern": (True, 2, 12, 0),
+    "k1": (True, 2, 8, 4),  # k=1 is plain LoRA of rank 3 plus its hybrid rank 1
+    "plain-rslora": (True, 2, 10, 6),
+}
+
+
+def _cat_partner_delta(layer: LoraLayer, partner: str) -> torch.Tensor:
+    _, k, hybrid_r, is_gralora = CAT_PARTNERS[partner]
+    scaling = layer.scaling["second"]
+    if is_gralora:
+        return ref_delta(layer, "second", k, hybrid_r, scaling)
+    return scaling * (layer.lora_B["second"].weight.double() @ layer.lora_A["second"].weight.double()).detach()
+
+
+def _cat_model(partner: str, first: dict | None = None, second_targets=("lin0", "lin1")):
+    model = get_peft_model(TinyMLP(), config(**(first or {})), adapter_name="first")
+    model.add_adapter("second", config(target_modules=list(second_targets), **CAT_PARTNERS[partner][0]))
+    return model
+
+
+@pytest.mark.parametrize("partner", sorted(CAT_PARTNERS))
+def test_cat_is_the_weighted_sum_of_the_deltas(partner):
+    model = _cat_model(partner)
+    model.add_weighted_adapter(["first", "second"], WEIGHTS, "mix", combination_type="cat")
+    cfg = model.peft_config["mix"]
+    assert (cfg.use_gralora, cfg.gralora_k, cfg.r, cfg.hybrid_r) == CAT_LAYOUTS[partner]
+    for layer in lora_layers(model).values():
+        expected = WEIGHTS[0] * ref_delta(layer, "first", 2, 0, layer.scaling["first"])
+        expected = expected + WEIGHTS[1] * _cat_partner_delta(layer, partner)
+        # the independent reference reads the new factors with the new config's layout
+        got = ref_delta(layer, "mix", cfg.gralora_k, cfg.hybrid_r, layer.scaling["mix"])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        # and the layer itself computes it (forward and delta)
+        torch.testing.assert_close(delta_out_in(layer, "mix"), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("second_targets", [("lin0", "lin1"), ("lin1",)], ids=["same-targets", "other-targets"])
+@pytest.mark.parametrize("partner", ["same", "k4", "hybrid", "plain", "hybrid-rslora", "rank-pattern"])
+@pytest.mark.parametrize("first", [{}, dict(use_rslora=True, hybrid_r=2)], ids=["first-plain-scaling", "first-rslora"])
+def test_cat_with_unit_weights_is_both_adapters_active(partner, first, second_targets):
+    # peft's own property of cat: weights [1, 1] compute what both adapters active at once compute
+    model = _cat_model(partner, first, second_targets)
+    model.add_weighted_adapter(["first", "second"], [1.0, 1.0], "mix", combination_type="cat")
+    model.base_model.set_adapter(["first", "second"])
+    with torch.no_grad():
+        both = model(X)
+    model.set_adapter("mix")
+    with torch.no_grad():
+        mixed = model(X)
+    model.base_model.set_adapter(["first"])
+    with torch.no_grad():
+        only_first = model(X)
+    assert (both - only_first).abs().max() > 1e-2  # the second adapter matters
+    torch.testing.assert_close(mixed, both, atol=1e-5, rtol=1e-5)
+
+
+def test_cat_three_adapters_and_bias():
+    model = get_peft_model(TinyMLP(), config(lora_bias=True), adapter_name="first")
+    model.add_adapter("second", config(hybrid_r=2))
+    model.add_adapter("third", config(use_gralora=False, r=2))
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B["first"].bias)
+    weights = [0.5, -1.5, 2.0]
+    model.add_weighted_adapter(["first", "second", "third"], weights, "mix", combination_type="cat")
+    cfg = model.peft_config["mix"]
+    assert (cfg.use_gralora, cfg.r, cfg.hybrid_r, cfg.lora_bias) == (True, 10, 4, True)
+    model.set_adapter("mix")
+    with torch.no_grad():
+        out = model(X).double()
+    # the reference: every layer's weighted delta, plus the weighted bias of "first"
+    h = X.double()
+    for idx, name in enumerate(["lin0", "lin1"]):
+        layer = lora_layers(model)[f"base_model.model.{name}"]
+        delta = weights[0] * ref_delta(layer, "first", 2, 0, layer.scaling["first"])
+        delta = delta + weights[1] * ref_delta(layer, "second", 2, 2, layer.scaling["second"])
+        plain = layer.lora_B["third"].weight.double() @ layer.lora_A["third"].weight.double()
+        delta = delta + weights[2] * layer.scaling["third"] * plain.detach()
+        bias = weights[0] * layer.scaling["first"] * layer.lora_B["first"].bias.detach().double()
+        w = layer.get_base_layer().weight.detach().double() + delta
+        h = h @ w.T + layer.get_base_layer().bias.detach().double() + bias
+        if idx == 0:
+            h = torch.relu(h)
+    torch.testing.assert_close(out, h, atol=1e-5, rtol=1e-5)
+
+
+def test_cat_gives_plain_lora_when_k_does_not_divide_a_layer():
+    # "first" (k=8) adapts lin0 (16 -> 24) only; "second" (plain LoRA) also adapts lin1 (24 -> 12), where no k=8
+    # GraLoRA adapter fits (12 % 8 != 0): the result is plain LoRA, every part in its exact plain form
+    from collections import OrderedDict
+
+    net = torch.nn.Sequential(
+        OrderedDict(lin0=torch.nn.Linear(16, 24), relu=torch.nn.ReLU(), lin1=torch.nn.Linear(24, 12))
+    )
+    model = get_peft_model(net, config(target_modules=["lin0"], r=8, gralora_k=8), adapter_name="first")
+    model.add_adapter("second", config(use_gralora=False))
+    model.add_weighted_adapter(["first", "second"], WEIGHTS, "mix", combination_type="cat")
+    cfg = model.peft_config["mix"]
+    assert cfg.use_gralora is False and cfg.r == 8 * 8 + 4
+    for name, layer in lora_layers(model).items():
+        assert "mix" not in layer.lora_variant
+        expected = (
+            WEIGHTS[1]
+            * layer.scaling["second"]
+            * (layer.lora_B["second"].weight.double() @ layer.lora_A["second"].weight.double()).detach()
+        )
+        if name.endswith("lin0"):
+            expected = expected + WEIGHTS[0] * ref_delta(layer, "first", 8, 0, layer.scaling["first"])
+        got = layer.lora_B["mix"].weight.double() @ layer.lora_A["mix"].weight.double() * layer.scaling["mix"]
+        torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cat_refuses_dora_before_anything_changes():
+    model = get_peft_model(TinyMLP(), config(), adapter_name="first")
+    model.add_adapter("second", config(use_dora=True))
+    with pytest.raises(ValueError, match=r"combination_type='cat'.*GraLoraDoraLinearVariant.*not a sum"):
         model.add_weighted_adapter(["first", "second"], WEIGHTS, "mix", combination_type="cat")
     assert "mix" not in model.peft_config
     assert not any("mix" in layer.lora_A for layer in lora_layers(model).values())

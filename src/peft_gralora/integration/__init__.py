@@ -41,7 +41,13 @@ patch point                           why
 ``LoraModel.inject_adapter``          peft adapts targets one by one: when GraLoRA refuses a later target, takes the
                                       layers already adapted back out, so a refused config leaves the model unchanged
 ``LoraModel.add_weighted_adapter``    each combination type gives the right result for GraLoRA adapters or a clear
-                                      error (never plain-LoRA math on GraLoRA weights)
+                                      error (never plain-LoRA math on GraLoRA weights); ``cat`` is exact for every
+                                      mix of GraLoRA / plain LoRA adapters (block by block, hybrid side by side)
+``peft.utils.hotswap``                pads GraLoRA adapters inside their layout (zero sub-ranks per block, zero
+``.prepare_model_for_compiled_hotswap``  hybrid rows) and keeps the layer's ``hybrid_r`` and the configs in step
+``peft.utils.hotswap``                moves each incoming layer exactly into the resident layer's layout (GraLoRA or
+``.hotswap_adapter_from_state_dict``  plain), or raises ``ValueError`` before any weight changes; ``hotswap_adapter``
+                                      and diffusers' hotswap call it through the module
 ====================================  =================================================================================
 
 Nothing in torch or transformers is rebound. ``install()`` is idempotent; ``uninstall()`` puts back every original
@@ -59,6 +65,7 @@ from typing import Any
 from ..config import GRALORA_FIELDS
 from . import config as _config
 from . import diffusers as _diffusers
+from . import hotswap as _hotswap
 from . import layers as _layers
 from . import model as _model
 from ._targets import peft_targets
@@ -110,7 +117,7 @@ def check_peft_version(version: str | None = None) -> str:
 
 def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for every patched attribute (fields aside), all modules."""
-    return [*_config.patches(), *_layers.patches(), *_model.patches(), *_diffusers.patches()]
+    return [*_config.patches(), *_layers.patches(), *_model.patches(), *_hotswap.patches(), *_diffusers.patches()]
 
 
 def _resolve_original(owner: Any, attr: str) -> Any:

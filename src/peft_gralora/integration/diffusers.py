@@ -130,11 +130,12 @@ def _lora_tensors(state_dict: dict) -> dict[str, Any]:
     return {k: v for k, v in state_dict.items() if "lora" in k and isinstance(v, torch.Tensor)}
 
 
-def _remembered_config(state_dict: dict, where: str, fix: str) -> dict | None:
+def _remembered_config(state_dict: dict, where: str, fix: str, vouched: bool = False) -> dict | None:
     """The one GraLoRA config behind ``state_dict``'s LoRA tensors; None when no tensor is a GraLoRA one.
 
     Raises:
-        ValueError: the tensors come from several GraLoRA configs, or mix GraLoRA tensors with unknown ones.
+        ValueError: the tensors come from several GraLoRA configs, or (unless the caller ``vouched`` for the dict by
+            passing GraLoRA metadata) mix GraLoRA tensors with unknown ones.
     """
     lora = _lora_tensors(state_dict)
     found = {key: gralora_metadata_of(t) for key, t in lora.items()}
@@ -148,7 +149,7 @@ def _remembered_config(state_dict: dict, where: str, fix: str) -> dict | None:
             f"adapter metadata cannot describe. Save each adapter separately, or {fix}."
         )
     unknown = [key for key, m in found.items() if m is None]
-    if unknown:
+    if unknown and not vouched:
         raise ValueError(
             f"{where}: the state dict mixes tensors of a GraLoRA adapter with {len(unknown)} LoRA tensors of unknown "
             f"origin (e.g. {unknown[0]!r}: a copy, or another adapter), so it is not known whether they are GraLoRA. "
@@ -189,7 +190,7 @@ def _metadata_for_save(prefix: str, layers: Any, given: dict | None, safe_serial
                 f"file would load as plain LoRA. {fix[0].upper()}{fix[1:]}."
             )
     else:
-        remembered = _remembered_config(layers, where, fix)
+        remembered = _remembered_config(layers, where, fix, vouched=_is_gralora_meta(given))
     gralora = remembered is not None or _is_gralora_meta(given)
     if gralora and not safe_serialization:
         raise ValueError(
@@ -285,7 +286,7 @@ def _make_create_lora_config(original: Callable) -> Callable:
     def _create_lora_config(state_dict, network_alphas, metadata, rank_pattern_dict, *args, **kwargs):
         where = "load_lora_adapter / load_lora_weights"
         fix = "pass metadata=<model>.peft_config[<adapter>].to_dict() (load_lora_adapter) or save with it"
-        remembered = _remembered_config(state_dict, where, fix)
+        remembered = _remembered_config(state_dict, where, fix, vouched=_is_gralora_meta(metadata))
         if remembered is not None:
             if metadata is None:
                 metadata = copy.deepcopy(remembered)

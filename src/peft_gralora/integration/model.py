@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..config import validate_gralora_layer
+from ..functional import GraloraPieces, gralora_assemble, gralora_pieces
 from ..variant import is_gralora_adapter
 from ._targets import peft_targets
 from .layers import gralora_layer_classes, may_hold_gralora, unsupported_layer_error
@@ -116,11 +120,7 @@ def _make_add_weighted_adapter(original: Callable) -> Callable:
             return original(self, adapters, weights, adapter_name, combination_type, *args, **kwargs)
         effective = "linear" if len(adapters) == 1 else combination_type
         if effective == "cat":
-            raise ValueError(
-                "add_weighted_adapter(combination_type='cat') concatenates plain LoRA factors, which misplaces "
-                "GraLoRA blocks. Use combination_type='svd' (dense delta, re-factorised), or export the adapters "
-                "to exact plain LoRA with peft_gralora.export_lora first."
-            )
+            return _gralora_cat(self, list(adapters), list(weights), adapter_name)
         if effective in _LINEAR_COMBINATIONS:
             layouts = {
                 (g, getattr(c, "gralora_k", None), getattr(c, "hybrid_r", None))
@@ -144,6 +144,148 @@ def _make_add_weighted_adapter(original: Callable) -> Callable:
             self.peft_config[first] = saved
 
     return add_weighted_adapter
+
+
+def _scaling_value(scaling: Any) -> float:
+    # prepare_model_for_compiled_hotswap turns scalings into 0-d tensors
+    return float(scaling.item() if isinstance(scaling, torch.Tensor) else scaling)
+
+
+def _cat_layers(self, adapters: list[str]) -> dict[str, Any]:
+    """The LoRA layers holding any of ``adapters``, checked for what ``cat`` can combine exactly (nothing changes)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {}
+    for name, layer in self.model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        held = [a for a in adapters if a in layer.lora_A or a in getattr(layer, "lora_embedding_A", {})]
+        if not held:
+            continue
+        if type(layer) not in gralora_layer_classes() or any(a not in layer.lora_A for a in held):
+            raise ValueError(
+                f"add_weighted_adapter(combination_type='cat') with GraLoRA adapters combines Linear / Conv1D LoRA "
+                f"layers only, but {name!r} is a {type(layer).__name__} holding {held}. Use combination_type='svd', "
+                "or leave that module out of the adapters' target_modules."
+            )
+        for a in held:
+            variant = layer.lora_variant.get(a)
+            if variant is not None and (type(variant).__name__ != "GraLoraLinearVariant"):
+                raise ValueError(
+                    f"add_weighted_adapter(combination_type='cat') cannot combine adapter {a!r} on {name!r}: its "
+                    f"LoRA variant {type(variant).__name__} (e.g. DoRA) is not a sum of low-rank deltas, so "
+                    "concatenating its factors changes what it computes. Merge it with combination_type='svd' or "
+                    "without that variant."
+                )
+        layers[name] = layer
+    return layers
+
+
+def _gralora_cat(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+    """``cat`` for any mix of GraLoRA and plain LoRA adapters, exact: the new adapter's delta is
+    ``sum_i weights[i] * delta_i`` (with each adapter's own scaling).
+
+    Layout of the result (:func:`peft_gralora.functional.gralora_assemble`): a GraLoRA adapter with the ``gralora_k``
+    of the first GraLoRA adapter; every GraLoRA adapter with that ``k`` joins block by block (sub-block rank
+    ``s = s_1 + s_2 + ...``); hybrid branches, plain LoRA adapters and GraLoRA adapters with another ``k`` (through
+    the exact plain export, rank ``k g``) sit side by side in the hybrid branch. When a layer's features are not
+    divisible by that ``k``, the result is a plain LoRA adapter holding every adapter's exact plain form. The weights
+    and scalings are folded into the ``A`` factors, as peft's ``cat`` does.
+    """
+    _, _, new_target_modules = self._check_add_weighted_adapter(
+        adapters=adapters, combination_type="cat", svd_rank=None
+    )
+    if len(weights) != len(adapters):
+        raise ValueError(f"add_weighted_adapter got {len(adapters)} adapters but {len(weights)} weights.")
+    configs = [self.peft_config[a] for a in adapters]
+    layers = _cat_layers(self, adapters)
+    layout = {
+        a: (c.gralora_k, c.hybrid_r) if c.use_gralora else (1, 0) for a, c in zip(adapters, configs, strict=True)
+    }
+    target_k = next(c.gralora_k for c in configs if c.use_gralora)
+    shapes = {n: (layer.in_features, layer.out_features) for n, layer in layers.items()}
+    if any(i % target_k or o % target_k for i, o in shapes.values()):
+        target_k = 0  # a plain LoRA result: (k=1, hybrid_r=0) in the layout maths below
+    cut_k = max(target_k, 1)
+    # pieces per layer, unscaled (the weights are folded in once the new scaling is known)
+    cut = {
+        name: {
+            a: gralora_pieces(layer.lora_A[a].weight, layer.lora_B[a].weight, *layout[a], cut_k, embed=False)
+            for a in dict.fromkeys(adapters)
+            if a in layer.lora_A
+        }
+        for name, layer in layers.items()
+    }
+    # each adapter keeps its own slot, sized by its largest layer (rank_pattern), so the layout is one per model
+    grid_rank = sum(max((c[a].grid_rank for c in cut.values() if a in c), default=0) for a in dict.fromkeys(adapters))
+    plain_rank = sum(
+        max((c[a].plain_rank for c in cut.values() if a in c), default=0) for a in dict.fromkeys(adapters)
+    )
+    if grid_rank == 0:  # no grid to join (k = 1, or a plain result): everything is one plain-LoRA-like grid
+        grid_rank, plain_rank = plain_rank, 0
+    new_r = cut_k * grid_rank + plain_rank
+    use_bias = any(c.lora_bias for c in configs)
+    first = configs[0]
+    new_config = dataclasses.replace(
+        first,
+        r=new_r,
+        lora_alpha=new_r,
+        target_modules=new_target_modules,
+        alpha_pattern={},
+        rank_pattern={},
+        use_gralora=bool(target_k),
+        gralora_k=target_k or 2,
+        hybrid_r=plain_rank if target_k else 0,
+        lora_bias=use_bias,
+        use_dora=False,
+        init_lora_weights=True,  # every weight is overwritten below: no data-driven init may touch the base model
+    )
+    new_scaling = (new_r / math.sqrt(new_r)) if new_config.use_rslora else 1.0
+    planned = {}
+    for name, layer in layers.items():
+        pieces = []
+        bias = None
+        for a, w in zip(adapters, weights, strict=True):
+            if a not in layer.lora_A:
+                continue
+            factor = w * _scaling_value(layer.scaling[a]) / new_scaling
+            p = cut[name][a]
+            pieces.append(
+                GraloraPieces(p.k, [(a3 * factor, b3) for a3, b3 in p.grid], [(pa * factor, pb) for pa, pb in p.plain])
+            )
+            b = layer.lora_B[a].bias
+            if b is not None:
+                bias = factor * b.detach() if bias is None else bias + factor * b.detach()
+        in_f, out_f = shapes[name]
+        with torch.no_grad():
+            planned[name] = (*gralora_assemble(pieces, new_r, new_config.hybrid_r, in_f, out_f), bias)
+
+    self.peft_config[adapter_name] = new_config
+    try:
+        self.inject_adapter(self.model, adapter_name)
+    except Exception:
+        del self.peft_config[adapter_name]
+        raise
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import _freeze_adapter
+
+    _freeze_adapter(self.model, adapter_name)
+
+    with torch.no_grad():
+        for name, layer in self.model.named_modules():
+            if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+                continue
+            new_A, new_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+            new_A.weight.zero_()
+            new_B.weight.zero_()
+            if new_B.bias is not None:
+                new_B.bias.zero_()
+            if name in planned:
+                weight_A, weight_B, bias = planned[name]
+                new_A.weight.copy_(weight_A)
+                new_B.weight.copy_(weight_B)
+                if bias is not None:
+                    new_B.bias.copy_(bias)
 
 
 def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
