@@ -377,7 +377,8 @@ def test_save_refuses_mixed_state_dicts(case, tmp_path):
         case.save(tmp_path, {**first, key: get_peft_model_state_dict(plain)[key]})
     assert not list(tmp_path.iterdir())
     # with metadata, the caller vouches for the whole dict
-    case.save(tmp_path, {**first, key: get_peft_model_state_dict(plain)[key]}, gralora.peft_config["default"].to_dict())
+    vouched = gralora.peft_config["default"].to_dict()
+    case.save(tmp_path, {**first, key: get_peft_model_state_dict(plain)[key]}, vouched)
 
 
 def test_load_refuses_contradicting_metadata(case):
@@ -433,25 +434,33 @@ def test_hotswap_same_layout_is_exact(case, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "resident,incoming",
+    "resident,incoming,exact",
     [
-        (_config(r=4, k=2), _config(r=4, k=4)),
-        (_config(r=4, k=2, h=0), _config(r=4, k=2, h=2)),
-        (_config(r=4, k=2), _plain_config(r=4)),
-        (_plain_config(r=4), _config(r=4, k=2)),
+        (_config(r=4, k=2), _config(r=4, k=4), False),
+        (_config(r=4, k=4), _config(r=4, k=2), False),
+        (_config(r=4, k=2), _plain_config(r=4), False),
+        (_plain_config(r=4), _config(r=4, k=2), False),
+        (_config(r=4, k=2, h=2), _plain_config(r=2, alpha=3), True),
+        (_plain_config(r=8), _config(r=4, k=2), True),
     ],
-    ids=["k2_to_k4", "hybrid0_to_hybrid2", "gralora_to_lora", "lora_to_gralora"],
+    ids=["k2_by_k4", "k4_by_k2", "gralora_by_lora", "lora_by_gralora", "hybrid_by_lora", "lora8_by_gralora"],
 )
-def test_hotswap_refuses_other_layout_before_any_change(case, resident, incoming, tmp_path):
+def test_hotswap_other_layout_exact_or_refused_before_any_change(case, resident, incoming, exact, tmp_path):
+    """A swap that cannot be exact raises before anything changes (diffusers would delete the resident adapter on
+    an error inside its hotswap block); one that can is exact."""
     sd_a = _saved(case, resident, tmp_path / "a", 1)
-    _saved(case, incoming, tmp_path / "b", 2)
+    sd_b = _saved(case, incoming, tmp_path / "b", 2)
     pipe = case.new_pipe()
     pipe.load_lora_weights(tmp_path / "a", adapter_name="x")
     target = getattr(pipe, case.component)
-    before = {n: p.detach().clone() for n, p in target.named_parameters()}
-    with pytest.raises(ValueError, match="Cannot hotswap adapter 'x'"):
+    if exact:
         pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
-    # the resident adapter is untouched: same config, same weights, same output
+        expected = _reference(case, [(sd_b, incoming, 1.0)])
+        torch.testing.assert_close(case.run(target), expected, atol=ATOL, rtol=0)
+        return
+    before = {n: p.detach().clone() for n, p in target.named_parameters()}
+    with pytest.raises(ValueError, match="cannot be placed exactly"):
+        pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
     assert target.peft_config["x"] == resident
     for n, p in target.named_parameters():
         assert torch.equal(p, before[n]), n
@@ -459,32 +468,39 @@ def test_hotswap_refuses_other_layout_before_any_change(case, resident, incoming
 
 
 @pytest.mark.parametrize(
-    "first,second",
+    "first,second,target_rank,outcome",
     [
-        (_config(r=4, alpha=6, k=2), _config(r=8, alpha=4, k=2)),
-        (_config(r=8, alpha=6, k=2, h=4), _config(r=4, alpha=3, k=2, h=0)),
+        (_config(r=4, alpha=6, k=2), _config(r=8, alpha=4, k=2), 8, "exact"),
+        (_config(r=8, alpha=6, k=2, h=4), _config(r=4, alpha=3, k=2, h=0), 8, "exact"),
+        (_config(r=4, alpha=6, k=2), _plain_config(r=4), 8, "exact"),
+        (_config(r=4, alpha=6, k=2), _plain_config(r=8), 8, "swap refused"),
+        (_config(r=4, alpha=6, k=2), _config(r=4, k=2), 2, "padding refused"),
     ],
-    ids=["r4_to_r8", "r8h4_to_r4h0"],
+    ids=["r4_by_r8", "r8h4_by_r4h0", "lora4_in_grid", "lora8_refused", "target_rank_too_small"],
 )
-def test_enable_lora_hotswap_exact_or_refused(case, first, second, tmp_path):
-    """enable_lora_hotswap pads the first adapter to target_rank (peft's prepare_model_for_compiled_hotswap):
-    either exact for GraLoRA, or a ValueError; then the swap: exact, or a ValueError that leaves the first adapter."""
+def test_enable_lora_hotswap(case, first, second, target_rank, outcome, tmp_path):
+    """enable_lora_hotswap pads the first adapter to target_rank inside its GraLoRA layout when it loads (peft's
+    prepare_model_for_compiled_hotswap), and the swap is exact, or a ValueError leaves the model as it was."""
     sd_a = _saved(case, first, tmp_path / "a", 1)
     sd_b = _saved(case, second, tmp_path / "b", 2)
     pipe = case.new_pipe()
     target = getattr(pipe, case.component)
-    pipe.enable_lora_hotswap(target_rank=8)
-    try:
-        pipe.load_lora_weights(tmp_path / "a", adapter_name="x")
-    except ValueError:
-        assert not getattr(target, "peft_config", {})
+    pipe.enable_lora_hotswap(target_rank=target_rank)
+    if outcome == "padding refused":
+        with pytest.raises(ValueError, match="target rank 2"):
+            pipe.load_lora_weights(tmp_path / "a", adapter_name="x")
+        assert not getattr(target, "peft_config", {})  # diffusers takes the failed load out again
         torch.testing.assert_close(case.run(target), case.run(case.model()), atol=0, rtol=0)
         return
+    pipe.load_lora_weights(tmp_path / "a", adapter_name="x")
+    assert {m.lora_A["x"].weight.shape[0] for m in target.modules() if hasattr(m, "lora_variant")} == {target_rank}
     expected_a = _reference(case, [(sd_a, first, 1.0)])
     torch.testing.assert_close(case.run(target), expected_a, atol=ATOL, rtol=0)
-    try:
-        pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
-    except ValueError:
+    if outcome == "swap refused":
+        with pytest.raises(ValueError, match="cannot be placed exactly"):
+            pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
+        assert "x" in target.peft_config
         torch.testing.assert_close(case.run(target), expected_a, atol=ATOL, rtol=0)
         return
+    pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
     torch.testing.assert_close(case.run(target), _reference(case, [(sd_b, second, 1.0)]), atol=ATOL, rtol=0)

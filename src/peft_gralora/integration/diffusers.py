@@ -13,8 +13,9 @@ two apart except the adapter metadata. diffusers writes that metadata only when 
 - ``PeftAdapterMixin.save_lora_adapter`` refuses ``safe_serialization=False`` for a GraLoRA adapter (same reason).
 - ``_create_lora_config`` (where ``load_lora_adapter`` / the text-encoder loader turn a state dict into a config)
   takes the remembered config for an in-memory GraLoRA state dict passed without metadata, refuses metadata that
-  contradicts it, and, for ``hotswap=True``, checks that the resident and the incoming adapter have the same GraLoRA
-  layout. That check runs before diffusers' hotswap ``try`` block, whose error handler deletes the resident adapter.
+  contradicts it, and, for ``hotswap=True`` with a GraLoRA adapter on either side, runs peft's (GraLoRA-exact)
+  hotswap before diffusers' hotswap ``try`` block, whose error handler deletes the resident adapter: a refused swap
+  then leaves the resident adapter as it was.
 
 What cannot be known: a file written without metadata by other code (or from copies of the tensors, e.g. after
 ``.to(torch.float16)``) is indistinguishable from a plain LoRA file and loads as plain LoRA.
@@ -257,28 +258,33 @@ def _make_load_lora_adapter(original: Callable) -> Callable:
     return load_lora_adapter
 
 
-def _check_hotswap(model: Any, adapter_name: str, incoming: Any) -> None:
-    """Refuse, before anything changes, a hotswap between adapters of different GraLoRA layouts."""
+def _hotswap_key(key: str, adapter_name: str) -> str:
+    # the keys diffusers' hotswap hands to peft carry the adapter name, as in the model's own state dict
+    for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias"):
+        if key.endswith(suffix):
+            stem, _, leaf = key.rpartition(".")
+            return f"{stem}.{adapter_name}.{leaf}"
+    return key
+
+
+def _hotswap_now(model: Any, adapter_name: str, incoming: Any, state_dict: dict) -> None:
+    """Run the hotswap of a GraLoRA adapter (resident or incoming) before diffusers' hotswap block.
+
+    peft's hotswap (made GraLoRA-exact by :mod:`.hotswap`) refuses what it cannot place before any weight changes,
+    but diffusers' block around it deletes the resident adapter on any error. Run here, the refusal leaves the
+    resident adapter as it was. When it succeeds, diffusers repeats the same swap (same tensors, same result); the
+    incoming tensors are cloned here because peft may adopt them (``swap_tensors``) for a larger rank.
+    """
     resident = getattr(model, "peft_config", {}).get(adapter_name)
-    if resident is None:
-        return  # diffusers refuses a hotswap into a missing adapter itself
-    old = tuple(getattr(resident, name, default) for name, default in _FIELD_DEFAULTS.items())
-    new = tuple(getattr(incoming, name, default) for name, default in _FIELD_DEFAULTS.items())
-    if not (old[0] or new[0]):
-        return
-    if (old[0], old[0] and old[1:]) != (new[0], new[0] and new[1:]):
-        names = tuple(_FIELD_DEFAULTS)
-        raise ValueError(
-            f"Cannot hotswap adapter {adapter_name!r}: the resident adapter has "
-            f"{dict(zip(names, old, strict=True))}, the new one {dict(zip(names, new, strict=True))}. The swap "
-            "copies weights into the resident layout, which would compute neither adapter. Load the new adapter "
-            "without hotswap=True (under another adapter_name), or hotswap adapters of the same GraLoRA layout."
-        )
-    # peft's own config check (with whatever GraLoRA awareness is installed into it), run here, before diffusers'
-    # hotswap block: a failure inside that block makes diffusers delete the resident adapter
+    if resident is None or not (getattr(resident, "use_gralora", False) or getattr(incoming, "use_gralora", False)):
+        return  # a missing adapter is diffusers' own error; plain LoRA into plain LoRA is peft's business
     from peft.utils import hotswap as peft_hotswap
 
     peft_hotswap.check_hotswap_configs_compatible(resident, incoming)
+    mapped = {_hotswap_key(key, adapter_name): value.clone() for key, value in state_dict.items()}
+    peft_hotswap.hotswap_adapter_from_state_dict(
+        model=model, state_dict=mapped, adapter_name=adapter_name, config=incoming
+    )
 
 
 def _make_create_lora_config(original: Callable) -> Callable:
@@ -295,7 +301,7 @@ def _make_create_lora_config(original: Callable) -> Callable:
         config = original(state_dict, network_alphas, metadata, rank_pattern_dict, *args, **kwargs)
         loading = _LOADING.get(None)
         if loading is not None and loading[1]:
-            _check_hotswap(loading[0], kwargs.get("adapter_name"), config)
+            _hotswap_now(loading[0], kwargs.get("adapter_name"), config, state_dict)
         return config
 
     return _create_lora_config
