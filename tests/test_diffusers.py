@@ -276,6 +276,27 @@ def test_round_trip(case, how, load, tmp_path):
     torch.testing.assert_close(case.run(target), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "copy_of",
+    [lambda t: t.clone(), lambda t: t.to(torch.bfloat16), lambda t: t.to(torch.float16)],
+    ids=["clone", "bf16", "fp16"],
+)
+def test_copies_are_recognised(case, copy_of, tmp_path):
+    """Training scripts cast or clone the state dict before saving: the copies are still known to be GraLoRA."""
+    config = _config(r=4, alpha=8, k=2)
+    model = _trained(case, config)
+    copied = {k: copy_of(v) for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(model)).items()}
+    case.save(tmp_path, copied)
+    meta = json.loads(_header(tmp_path / "pytorch_lora_weights.safetensors")["lora_adapter_metadata"])
+    assert meta[f"{case.component}.use_gralora"] is True
+    pipe = case.new_pipe()
+    pipe.load_lora_weights(tmp_path, adapter_name="a")
+    target = getattr(pipe, case.component)
+    assert _variants(target, "a") == {"GraLoraLinearVariant"}
+    as_peft = {k.replace("lora.down", "lora_A").replace("lora.up", "lora_B"): v for k, v in copied.items()}
+    torch.testing.assert_close(case.run(target), _reference(case, [(as_peft, config, 1.0)]), atol=ATOL, rtol=0)
+
+
 def test_in_memory_state_dict_without_metadata(case):
     """``load_lora_weights(dict)`` / ``load_lora_adapter(dict)`` straight from get_peft_model_state_dict."""
     config = _config(r=4, alpha=8, k=4)
@@ -395,6 +416,8 @@ def test_load_refuses_contradicting_metadata(case):
 def test_plain_lora_files_unchanged(case, tmp_path):
     """Plain LoRA keeps diffusers' behaviour: no metadata is added, and it loads as plain LoRA."""
     config = _plain_config(r=4, alpha=4)  # diffusers assumes alpha == r without metadata
+    gralora = _trained(case, _config(r=4, alpha=4))  # alive, same shapes: must not be mistaken for it
+    get_peft_model_state_dict(gralora)
     model = _trained(case, config)
     state_dict = get_peft_model_state_dict(model)
     case.save(tmp_path, state_dict)

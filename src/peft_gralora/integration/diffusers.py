@@ -5,8 +5,8 @@ two apart except the adapter metadata. diffusers writes that metadata only when 
 ``<component>_lora_adapter_metadata`` to ``save_lora_weights``; without it, ``load_lora_weights`` builds a plain
 ``LoraConfig`` from the shapes and computes plain LoRA on GraLoRA weights, without a word. So:
 
-- ``get_peft_model_state_dict`` remembers (weakly, per tensor) which GraLoRA config the tensors it returns belong to.
-  The tensors survive diffusers' key conversions (``convert_state_dict_to_diffusers`` renames keys, keeps tensors).
+- ``get_peft_model_state_dict`` remembers (weakly) which GraLoRA config the tensors it returns belong to. The tensors
+  survive diffusers' key conversions (``convert_state_dict_to_diffusers`` renames keys, keeps tensors).
 - ``LoraBaseMixin._save_lora_weights`` (every pipeline's ``save_lora_weights`` ends there) writes that config as the
   component's adapter metadata when the caller passed none, and refuses metadata that contradicts it, a state dict
   that mixes GraLoRA tensors with unknown ones, and ``safe_serialization=False`` (torch.save files carry no metadata).
@@ -17,8 +17,9 @@ two apart except the adapter metadata. diffusers writes that metadata only when 
   hotswap before diffusers' hotswap ``try`` block, whose error handler deletes the resident adapter: a refused swap
   then leaves the resident adapter as it was.
 
-What cannot be known: a file written without metadata by other code (or from copies of the tensors, e.g. after
-``.to(torch.float16)``) is indistinguishable from a plain LoRA file and loads as plain LoRA.
+Copies of the tensors (``.to(torch.bfloat16)``, ``.clone()``) are recognised by a sample of their values while the
+model they came from lives. What cannot be known: a file written without metadata by other code, or in another
+process, is indistinguishable from a plain LoRA file and loads as plain LoRA.
 
 diffusers' loader modules are usually imported after peft (and so after :func:`peft_gralora.integration.install`):
 their rows are applied by a post-import finder the moment each module has finished executing.
@@ -78,9 +79,58 @@ def _remember(tensor: torch.Tensor, meta: dict) -> None:
             table[key] = (ref, meta)
 
 
+# Copies (``.to(torch.bfloat16)``, ``.clone()``, ``.cpu()`` of a GPU tensor) have neither identity nor memory in
+# common with what get_peft_model_state_dict returned: they are recognised by value, for as long as the model lives.
+# A copy's values are exactly the original's cast to the copy's dtype, so the comparison is exact: another adapter's
+# tensor (even one trained from the same initialisation) does not pass for it.
+# shape -> {(id(model), adapter, key): (weakref to the model, sample of values, config dict)}
+_BY_VALUES: dict[tuple, dict[tuple, tuple[weakref.ref, torch.Tensor, dict]]] = {}
+_SAMPLE_SIZE = 32
+
+
+def _sample(tensor: torch.Tensor) -> torch.Tensor | None:
+    """``_SAMPLE_SIZE`` evenly spaced values (own dtype, on CPU), or None for an empty / all-zero / meta tensor."""
+    if tensor.is_meta or tensor.numel() == 0 or not tensor.is_floating_point():
+        return None
+    flat = tensor.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, min(_SAMPLE_SIZE, flat.numel()), device=flat.device).long()
+    sample = flat[index].cpu()
+    # zeros say nothing about where a tensor came from (an untrained lora_B of any adapter is zero)
+    return sample if bool(sample.abs().max() > 0) else None
+
+
+def _remember_values(model: Any, adapter_name: str, key: str, tensor: torch.Tensor, meta: dict) -> None:
+    sample = _sample(tensor)
+    if sample is None:
+        return
+    table = _BY_VALUES.setdefault(tuple(tensor.shape), {})
+    slot = (id(model), adapter_name, key)
+
+    def forget(ref: weakref.ref) -> None:
+        if table.get(slot, (None,))[0] is ref:
+            del table[slot]
+
+    try:
+        ref = weakref.ref(model, forget)
+    except TypeError:  # not weak-referenceable: no recognition of copies
+        return
+    table[slot] = (ref, sample, meta)
+
+
+def _by_values(tensor: torch.Tensor) -> dict | None:
+    candidates = _BY_VALUES.get(tuple(tensor.shape))
+    sample = _sample(tensor) if candidates else None
+    if sample is None:
+        return None
+    for ref, known, meta in list(candidates.values()):
+        if ref() is not None and torch.equal(sample, known.to(sample.dtype)):
+            return meta
+    return None
+
+
 def gralora_metadata_of(tensor: Any) -> dict | None:
     """The config dict of the GraLoRA adapter ``tensor`` was returned for by ``get_peft_model_state_dict`` (or a
-    tensor sharing its memory), else None."""
+    tensor sharing its memory, or a copy of it while its model lives), else None."""
     if not isinstance(tensor, torch.Tensor):
         return None
     entry = _BY_ID.get(id(tensor))
@@ -90,7 +140,7 @@ def gralora_metadata_of(tensor: Any) -> dict | None:
     entry = _BY_MEMORY.get(key) if key is not None else None
     if entry is not None and entry[0]() is not None:
         return entry[1]
-    return None
+    return _by_values(tensor)
 
 
 def _gralora_triple(meta: dict | None) -> tuple:
@@ -112,6 +162,7 @@ def _make_get_peft_model_state_dict(original: Callable) -> Callable:
             for key, tensor in result.items():
                 if ".lora_" in key and isinstance(tensor, torch.Tensor):
                     _remember(tensor, meta)
+                    _remember_values(model, adapter_name, key, tensor, meta)
         return result
 
     return get_peft_model_state_dict
