@@ -527,3 +527,54 @@ def test_enable_lora_hotswap(case, first, second, target_rank, outcome, tmp_path
         return
     pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
     torch.testing.assert_close(case.run(target), _reference(case, [(sd_b, second, 1.0)]), atol=ATOL, rtol=0)
+
+
+# --- install / uninstall ---
+
+
+def test_uninstall_restores_diffusers_and_install_patches_again():
+    from diffusers.loaders import lora_base
+    from diffusers.loaders import peft as loaders_peft
+
+    from peft_gralora.integration import install, patch_table, uninstall
+
+    owners = {lora_base, loaders_peft, lora_base.LoraBaseMixin, loaders_peft.PeftAdapterMixin}
+    missing = object()
+    installed = {(o, a): o.__dict__.get(a, missing) for o, a, _ in patch_table() if o in owners}
+    assert len(installed) == 5
+    uninstall()
+    try:
+        originals = {(o, a): o.__dict__.get(a, missing) for o, a, _ in patch_table() if o in owners}
+        assert originals.keys() == installed.keys()
+        for key, original in originals.items():
+            assert original is not installed[key]
+            assert original is not missing
+            function = getattr(original, "__func__", original)
+            assert not hasattr(function, "__wrapped__"), key  # diffusers' own function, not a wrapper
+        install()
+        uninstall()
+        for (owner, attr), original in originals.items():
+            assert owner.__dict__.get(attr, missing) is original, (owner, attr)
+    finally:
+        install()
+
+
+@pytest.mark.slow  # a fresh interpreter importing diffusers: ~5-15 s
+def test_peft_first_then_diffusers_gets_patched(tmp_path):
+    """peft imported (and GraLoRA installed) before diffusers' loader modules exist: they are patched on import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import peft, sys\n"
+        "assert 'diffusers.loaders.lora_base' not in sys.modules\n"
+        "from diffusers.loaders.lora_base import LoraBaseMixin\n"
+        "from diffusers.loaders.peft import PeftAdapterMixin\n"
+        "assert hasattr(LoraBaseMixin.__dict__['_save_lora_weights'].__func__, '__wrapped__')\n"
+        "assert hasattr(PeftAdapterMixin.load_lora_adapter, '__wrapped__')\n"
+        "print('ok')\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**__import__("os").environ, "PYTHONPATH": src}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -48,6 +48,20 @@ patch point                           why
 ``peft.utils.hotswap``                moves each incoming layer exactly into the resident layer's layout (GraLoRA or
 ``.hotswap_adapter_from_state_dict``  plain), or raises ``ValueError`` before any weight changes; ``hotswap_adapter``
                                       and diffusers' hotswap call it through the module
+``peft.get_peft_model_state_dict``    remembers (weakly) which GraLoRA config the returned tensors belong to, so
+(and ``peft.utils``, ``.save_and_load``)  diffusers' save can write it (the tensors look like plain LoRA)
+``diffusers LoraBaseMixin``           every pipeline's ``save_lora_weights`` ends here: writes the remembered GraLoRA
+``._save_lora_weights``               config as the component's adapter metadata when none is given; refuses
+                                      contradicting metadata, mixed state dicts and ``safe_serialization=False``
+``diffusers PeftAdapterMixin``        refuses ``safe_serialization=False`` for a GraLoRA adapter (torch.save files
+``.save_lora_adapter``                carry no metadata and would load as plain LoRA)
+``diffusers PeftAdapterMixin``        tells ``_create_lora_config`` which model loads and whether it hotswaps
+``.load_lora_adapter``
+``diffusers.loaders.peft`` /          (by-name imports of ``diffusers.utils.peft_utils._create_lora_config``) takes the
+``.lora_base._create_lora_config``    remembered config for a GraLoRA state dict passed without metadata, refuses
+                                      contradicting metadata; runs a GraLoRA hotswap before diffusers' hotswap block,
+                                      whose error handler would delete the resident adapter on a refusal. diffusers'
+                                      loader modules imported after peft are patched by a post-import finder
 ====================================  =================================================================================
 
 Nothing in torch or transformers is rebound. ``install()`` is idempotent; ``uninstall()`` puts back every original
