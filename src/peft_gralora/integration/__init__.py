@@ -48,6 +48,12 @@ patch point                           why
 ``peft.utils.hotswap``                moves each incoming layer exactly into the resident layer's layout (GraLoRA or
 ``.hotswap_adapter_from_state_dict``  plain), or raises ``ValueError`` before any weight changes; ``hotswap_adapter``
                                       and diffusers' hotswap call it through the module
+``replace_lora_weights_loftq``,       refuse GraLoRA adapters before changing anything: each writes or reads the
+``reduce_intruder_dimension``,        factors as a plain ``B @ A`` (patched in every peft module that binds them;
+``create_lorafa_optimizer``,          :mod:`.helpers`); plain LoRA goes to peft's function
+``create_riemannian_optimizer``,
+``create_arrow_model``,
+``LoraModel.subtract_mutated_init``
 ====================================  =================================================================================
 
 Nothing in torch or transformers is rebound. ``install()`` is idempotent; ``uninstall()`` puts back every original
@@ -64,6 +70,7 @@ from typing import Any
 
 from ..config import GRALORA_FIELDS
 from . import config as _config
+from . import helpers as _helpers
 from . import hotswap as _hotswap
 from . import layers as _layers
 from . import model as _model
@@ -116,7 +123,7 @@ def check_peft_version(version: str | None = None) -> str:
 
 def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for every patched attribute (fields aside), all modules."""
-    return [*_config.patches(), *_layers.patches(), *_model.patches(), *_hotswap.patches()]
+    return [*_config.patches(), *_layers.patches(), *_model.patches(), *_hotswap.patches(), *_helpers.patches()]
 
 
 def _resolve_original(owner: Any, attr: str) -> Any:
