@@ -62,6 +62,12 @@ patch point                           why
                                       contradicting metadata; runs a GraLoRA hotswap before diffusers' hotswap block,
                                       whose error handler would delete the resident adapter on a refusal. diffusers'
                                       loader modules imported after peft are patched by a post-import finder
+``replace_lora_weights_loftq``,       refuse GraLoRA adapters before changing anything: each writes or reads the
+``reduce_intruder_dimension``,        factors as a plain ``B @ A`` (patched in every peft module that binds them;
+``create_lorafa_optimizer``,          :mod:`.helpers`); plain LoRA goes to peft's function
+``create_riemannian_optimizer``,
+``create_arrow_model``,
+``LoraModel.subtract_mutated_init``
 ====================================  =================================================================================
 
 Nothing in torch or transformers is rebound. ``install()`` is idempotent; ``uninstall()`` puts back every original
@@ -79,6 +85,7 @@ from typing import Any
 from ..config import GRALORA_FIELDS
 from . import config as _config
 from . import diffusers as _diffusers
+from . import helpers as _helpers
 from . import hotswap as _hotswap
 from . import layers as _layers
 from . import model as _model
@@ -131,7 +138,14 @@ def check_peft_version(version: str | None = None) -> str:
 
 def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for every patched attribute (fields aside), all modules."""
-    return [*_config.patches(), *_layers.patches(), *_model.patches(), *_hotswap.patches(), *_diffusers.patches()]
+    return [
+        *_config.patches(),
+        *_layers.patches(),
+        *_model.patches(),
+        *_hotswap.patches(),
+        *_helpers.patches(),
+        *_diffusers.patches(),
+    ]
 
 
 def _resolve_original(owner: Any, attr: str) -> Any:

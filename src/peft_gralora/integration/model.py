@@ -217,10 +217,8 @@ def _gralora_cat(self, adapters: list[str], weights: list[float], adapter_name: 
         for name, layer in layers.items()
     }
     # each adapter keeps its own slot, sized by its largest layer (rank_pattern), so the layout is one per model
-    grid_rank = sum(max((c[a].grid_rank for c in cut.values() if a in c), default=0) for a in dict.fromkeys(adapters))
-    plain_rank = sum(
-        max((c[a].plain_rank for c in cut.values() if a in c), default=0) for a in dict.fromkeys(adapters)
-    )
+    grid_rank = sum(max((c[a].grid_rank for c in cut.values() if a in c), default=0) for a in adapters)
+    plain_rank = sum(max((c[a].plain_rank for c in cut.values() if a in c), default=0) for a in adapters)
     if grid_rank == 0:  # no grid to join (k = 1, or a plain result): everything is one plain-LoRA-like grid
         grid_rank, plain_rank = plain_rank, 0
     new_r = cut_k * grid_rank + plain_rank
