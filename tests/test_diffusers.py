@@ -532,6 +532,53 @@ def test_enable_lora_hotswap(case, first, second, target_rank, outcome, tmp_path
     torch.testing.assert_close(case.run(target), _reference(case, [(sd_b, second, 1.0)]), atol=ATOL, rtol=0)
 
 
+def test_enable_lora_hotswap_target_hybrid_r(case, tmp_path):
+    """target_hybrid_r reserves a hybrid branch when padding, so an adapter with a larger one can come in."""
+    first, second = _config(r=4, alpha=6, k=2), _config(r=8, alpha=4, k=2, h=2)
+    _saved(case, first, tmp_path / "a", 1)
+    sd_b = _saved(case, second, tmp_path / "b", 2)
+    for target_hybrid_r in (None, 2):
+        pipe = case.new_pipe()
+        target = getattr(pipe, case.component)
+        if target_hybrid_r is None:
+            pipe.enable_lora_hotswap(target_rank=8)
+        else:
+            pipe.enable_lora_hotswap(target_rank=8, target_hybrid_r=target_hybrid_r)
+        pipe.load_lora_weights(tmp_path / "a", adapter_name="x")
+        if target_hybrid_r is None:
+            with pytest.raises(ValueError, match="target_hybrid_r"):
+                pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
+            continue
+        assert {m.hybrid_r["x"] for m in target.modules() if hasattr(m, "lora_variant")} == {2}
+        pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
+        torch.testing.assert_close(case.run(target), _reference(case, [(sd_b, second, 1.0)]), atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow  # dynamo traces the model: ~10 s on 2 CPU cores
+def test_compiled_hotswap_does_not_recompile(tmp_path):
+    from torch._dynamo.testing import CompileCounter
+
+    case = next(c for c in CASES if c.name == "flux")
+    first, second = _config(r=4, alpha=6, k=2), _config(r=8, alpha=4, k=2)
+    sd_a = _saved(case, first, tmp_path / "a", 1)
+    sd_b = _saved(case, second, tmp_path / "b", 2)
+    pipe = case.new_pipe()
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(tmp_path / "a", adapter_name="x")
+    counter = CompileCounter()
+    compiled = torch.compile(pipe.transformer, backend=counter)
+    pipe.transformer = compiled
+    torch._dynamo.reset()
+    try:
+        torch.testing.assert_close(case.run(compiled), _reference(case, [(sd_a, first, 1.0)]), atol=ATOL, rtol=0)
+        frames = counter.frame_count
+        pipe.load_lora_weights(tmp_path / "b", adapter_name="x", hotswap=True)
+        torch.testing.assert_close(case.run(compiled), _reference(case, [(sd_b, second, 1.0)]), atol=ATOL, rtol=0)
+        assert counter.frame_count == frames  # no recompilation
+    finally:
+        torch._dynamo.reset()
+
+
 # --- install / uninstall ---
 
 
@@ -544,7 +591,7 @@ def test_uninstall_restores_diffusers_and_install_patches_again():
     owners = {lora_base, loaders_peft, lora_base.LoraBaseMixin, loaders_peft.PeftAdapterMixin}
     missing = object()
     installed = {(o, a): o.__dict__.get(a, missing) for o, a, _ in patch_table() if o in owners}
-    assert len(installed) == 5
+    assert len(installed) == 6
     uninstall()
     try:
         originals = {(o, a): o.__dict__.get(a, missing) for o, a, _ in patch_table() if o in owners}

@@ -57,6 +57,8 @@ patch point                           why
 ``.save_lora_adapter``                carry no metadata and would load as plain LoRA)
 ``diffusers PeftAdapterMixin``        tells ``_create_lora_config`` which model loads and whether it hotswaps
 ``.load_lora_adapter``
+``diffusers PeftAdapterMixin``        also accepts ``target_hybrid_r`` (passed on to peft's
+``.enable_lora_hotswap``              ``prepare_model_for_compiled_hotswap``): room for larger hybrid branches
 ``diffusers.loaders.peft`` /          (by-name imports of ``diffusers.utils.peft_utils._create_lora_config``) takes the
 ``.lora_base._create_lora_config``    remembered config for a GraLoRA state dict passed without metadata, refuses
                                       contradicting metadata; runs a GraLoRA hotswap before diffusers' hotswap block,

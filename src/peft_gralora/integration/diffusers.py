@@ -293,6 +293,23 @@ def _make_save_lora_adapter(original: Callable) -> Callable:
 
 # --- load and hotswap ---
 
+
+def _make_enable_lora_hotswap(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def enable_lora_hotswap(self, *args, target_hybrid_r: int | None = None, **kwargs):
+        """diffusers' ``enable_lora_hotswap``, plus ``target_hybrid_r`` (GraLoRA): the hybrid rank the padded GraLoRA
+        adapters get, to make room for incoming adapters with a larger hybrid branch (see peft's
+        ``prepare_model_for_compiled_hotswap`` as patched by :mod:`.hotswap`)."""
+        original(self, *args, **kwargs)
+        if target_hybrid_r is not None:
+            self._prepare_lora_hotswap_kwargs = {
+                **self._prepare_lora_hotswap_kwargs,
+                "target_hybrid_r": target_hybrid_r,
+            }
+
+    return enable_lora_hotswap
+
+
 # (model, hotswap) of the load_lora_adapter call in progress: _create_lora_config does not receive them
 _LOADING: contextvars.ContextVar[tuple[Any, bool] | None] = contextvars.ContextVar("gralora_diffusers_load")
 
@@ -380,6 +397,7 @@ def _module_rows(name: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
     return [
         (module.PeftAdapterMixin, "load_lora_adapter", _make_load_lora_adapter),
         (module.PeftAdapterMixin, "save_lora_adapter", _make_save_lora_adapter),
+        (module.PeftAdapterMixin, "enable_lora_hotswap", _make_enable_lora_hotswap),
         (module, "_create_lora_config", _make_create_lora_config),
     ]
 
