@@ -316,6 +316,48 @@ def test_in_memory_state_dict_without_metadata(case):
     torch.testing.assert_close(case.run(target), expected, atol=ATOL, rtol=0)
 
 
+def _text_encoder() -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def test_text_encoder_round_trip_without_metadata(tmp_path):
+    """The text encoder (a transformers model) goes through diffusers' own text-encoder loader and save path."""
+    encoder = _text_encoder()
+    ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base = encoder(ids).last_hidden_state
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], use_gralora=True,
+        init_lora_weights=False,
+    )  # fmt: skip
+    encoder.add_adapter(config)
+    with torch.no_grad():
+        expected = encoder(ids).last_hidden_state
+    assert not torch.allclose(expected, base, atol=1e-3)
+    UNetPipe.save_lora_weights(tmp_path, text_encoder_lora_layers=get_peft_model_state_dict(encoder))
+    meta = json.loads(_header(tmp_path / "pytorch_lora_weights.safetensors")["lora_adapter_metadata"])
+    assert meta["text_encoder.use_gralora"] is True
+    pipe = UNetPipe(_unet(), _text_encoder())
+    pipe.load_lora_weights(tmp_path, adapter_name="a")
+    assert _variants(pipe.text_encoder, "a") == {"GraLoraLinearVariant"}
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.text_encoder(ids).last_hidden_state, expected, atol=ATOL, rtol=0)
+
+
 # --- fuse / unfuse, set_adapters ---
 
 
