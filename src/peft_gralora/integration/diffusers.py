@@ -155,6 +155,7 @@ def _is_gralora_meta(meta: dict | None) -> bool:
 def _make_get_peft_model_state_dict(original: Callable) -> Callable:
     @functools.wraps(original)
     def get_peft_model_state_dict(model, state_dict=None, adapter_name="default", *args, **kwargs):
+        _apply_finished()
         result = original(model, state_dict, adapter_name, *args, **kwargs)
         config = getattr(model, "peft_config", {}).get(adapter_name)
         if getattr(config, "use_gralora", False):
@@ -474,6 +475,20 @@ class _Finder:
             type(self)._searching = False
 
 
+def _apply_finished() -> None:
+    """Apply the rows of pending modules that finished executing without the finder seeing them (a module that was
+    already executing when GraLoRA was installed: only possible if it imported peft first)."""
+    finished = [name for name in _Finder.pending if _loaded(name)]
+    apply = _Finder.apply
+    for name in finished:
+        _Finder.pending.discard(name)
+    if finished and not _Finder.pending:
+        unregister_deferred()
+    for name in finished:
+        if apply is not None:
+            apply(_module_rows(name))
+
+
 def register_deferred(apply: Callable[[list], None]) -> None:
     """Apply the rows of each diffusers loader module not imported yet, through ``apply``, once it is imported."""
     pending = deferred_modules()
@@ -487,4 +502,6 @@ def register_deferred(apply: Callable[[list], None]) -> None:
 
 def unregister_deferred() -> None:
     """Remove the post-import finder (nothing is applied to diffusers modules imported later)."""
+    _Finder.pending = set()
+    _Finder.apply = None
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Finder)]
