@@ -188,12 +188,15 @@ def _reference(case: Case, adapters: list[tuple[dict, LoraConfig, float]]) -> to
     modules = dict(model.named_modules())
     with torch.no_grad():
         for state_dict, config, weight in adapters:
-            scaling = config.lora_alpha / config.r
             for key, weight_A in state_dict.items():
                 if not key.endswith("lora_A.weight"):
                     continue
                 name = key[: -len(".lora_A.weight")]
                 weight_B = state_dict[f"{name}.lora_B.weight"]
+                rank = weight_A.shape[0]
+                alphas = [a for pattern, a in config.alpha_pattern.items() if name.endswith(pattern)]
+                alpha = alphas[0] if alphas else config.lora_alpha
+                scaling = alpha / (rank**0.5 if config.use_rslora else rank)
                 k, h = (config.gralora_k, config.hybrid_r) if config.use_gralora else (1, 0)
                 delta = dense_delta(weight_A, weight_B, k, h) * scaling * weight
                 modules[name].weight += delta.to(modules[name].weight.dtype)
@@ -298,6 +301,20 @@ def test_copies_are_recognised(case, copy_of, tmp_path):
     assert _variants(target, "a") == {"GraLoraLinearVariant"}
     as_peft = {k.replace("lora.down", "lora_A").replace("lora.up", "lora_B"): v for k, v in copied.items()}
     torch.testing.assert_close(case.run(target), _reference(case, [(as_peft, config, 1.0)]), atol=ATOL, rtol=0)
+
+
+def test_round_trip_rank_alpha_patterns_rslora(case, tmp_path):
+    """The filled-in metadata carries everything the config says: per-module ranks and alphas, rsLoRA scaling."""
+    config = _config(r=4, alpha=6, k=2, rank_pattern={"to_k": 8}, alpha_pattern={"to_v": 3}, use_rslora=True)
+    model = _trained(case, config)
+    state_dict = get_peft_model_state_dict(model)
+    assert {v.shape[0] for k, v in state_dict.items() if k.endswith("to_k.lora_A.weight")} == {8}
+    case.save(tmp_path, state_dict)
+    pipe = case.new_pipe()
+    pipe.load_lora_weights(tmp_path, adapter_name="a")
+    target = getattr(pipe, case.component)
+    torch.testing.assert_close(case.run(target), _reference(case, [(state_dict, config, 1.0)]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(case.run(target), case.run(model), atol=ATOL, rtol=0)
 
 
 def test_in_memory_state_dict_without_metadata(case):
