@@ -105,7 +105,8 @@ SWAPS = [
     ("g-r4", None, "plain-r2", None),  # plain LoRA into the grid (no hybrid room): sub-block rank 2
     ("g-r4", None, "g-k1", None),
     ("g-r4", None, "g-h2", "cannot be placed exactly"),  # hybrid 2 + sub-block rank 2 > room 2
-    ("g-r4", None, "g-k4-r8", "cannot be placed exactly"),  # k=4 does not refine k=2; its export is rank 32
+    ("g-r4", None, "g-k4-r8", "cannot be placed exactly"),  # k=4 coarsened into k=2 needs sub-block rank 8 > 2
+    ("g-r4", 16, "g-k4-r8", None),  # padded to s=8: room for the coarsened grid
     ("g-r4", None, "plain-r8", "cannot be placed exactly"),
     ("g-r4", 8, "g-h2", None),  # padded to s=4: sub-block rank 2 + hybrid 2 overflowing into the grid
     ("g-r4", 8, "g-r8-k2-h2", "cannot be placed exactly"),  # needs s=3 and h=2 but the default padding is s=4, h=0
@@ -238,11 +239,12 @@ def test_fit_factors_is_exact_or_refused(src, dst, seed):
         new_A, new_B = gralora_fit_factors(weight_A, weight_B, k, h, tk, th, tk * ts + th)
     except ValueError as exc:
         assert "does not fit" in str(exc)
-        # refused only when neither the refined grid nor the plain export fits
-        refine_fits = k > 1 and tk % k == 0 and s + max(0, h - th) <= ts
+        # refused only when neither the refined / coarsened grid nor the plain export fits
+        grid_need = s if tk % k == 0 else (k // tk) ** 2 * s if k % tk == 0 else None  # refined / coarsened
+        embed_fits = k > 1 and grid_need is not None and grid_need + max(0, h - th) <= ts
         export_rank = (s if k == 1 else k * k * s) + h  # k=1 is plain already; else the export has rank k * g
         export_tried = k == 1 or k != tk
-        assert not refine_fits and not (export_tried and max(0, export_rank - th) <= ts)
+        assert not embed_fits and not (export_tried and max(0, export_rank - th) <= ts)
         return
     assert new_A.shape == (tk * ts + th, 8) and new_B.shape == (12, tk * ts + th)
     torch.testing.assert_close(dense_delta(new_A, new_B, tk, th), expected, rtol=1e-10, atol=1e-10)
