@@ -157,6 +157,17 @@ def test_hotswap_from_state_dict_with_a_wrong_config_is_refused(saved):
     assert all(torch.equal(before[n], p) for n, p in _weights(model).items())
 
 
+def test_hotswap_with_dora_and_another_layout_is_refused(saved, tmp_path):
+    base, adapters = saved
+    model = get_peft_model(copy.deepcopy(base), config(use_dora=True))
+    before = _weights(model)
+    incoming = get_peft_model(copy.deepcopy(base), config(r=2, use_dora=True))
+    incoming.save_pretrained(tmp_path / "dora-r2")
+    with pytest.raises(ValueError, match=r"DoRA.*not supported"):
+        hotswap_adapter(model, tmp_path / "dora-r2", adapter_name="default", torch_device="cpu")
+    assert all(torch.equal(before[n], p) for n, p in _weights(model).items())
+
+
 def test_prepare_pads_inside_the_layout_and_updates_hybrid_r(saved):
     base, adapters = saved
     model = _resident(base, adapters, "g-h2")  # r=6: s=2, h=2
@@ -198,19 +209,24 @@ def test_prepare_refuses_before_any_change(saved, kwargs, match):
     assert isinstance(model.base_model.model.lin0.scaling["default"], float)  # not even the scalings converted
 
 
-def test_compiled_hotswap_does_not_recompile(saved):
+@pytest.mark.parametrize(
+    "resident, swaps",
+    [("g-r4", ["g-r2", "plain-r2", "g-h2", "g-k1", "g-r4"]), ("plain-r2", ["g-r4", "plain-r8", "g-r2"])],
+    ids=["gralora-resident", "plain-resident"],
+)
+def test_compiled_hotswap_does_not_recompile(saved, resident, swaps):
     import torch._dynamo
 
     base, adapters = saved
-    model = _resident(base, adapters, "g-r4")
+    model = _resident(base, adapters, resident)
     prepare_model_for_compiled_hotswap(model, target_rank=8, config=model.peft_config)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(X), adapters["g-r4"][1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(X), adapters[resident][1], atol=1e-5, rtol=1e-5)
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for incoming in ["g-r2", "plain-r2", "g-h2", "g-k1", "g-r4"]:
+            for incoming in swaps:
                 hotswap_adapter(compiled, adapters[incoming][0], adapter_name="default", torch_device="cpu")
                 with torch.no_grad():
                     torch.testing.assert_close(compiled(X), adapters[incoming][1], atol=1e-5, rtol=1e-5)
