@@ -105,7 +105,8 @@ SWAPS = [
     ("g-r4", None, "plain-r2", None),  # plain LoRA into the grid (no hybrid room): sub-block rank 2
     ("g-r4", None, "g-k1", None),
     ("g-r4", None, "g-h2", "cannot be placed exactly"),  # hybrid 2 + sub-block rank 2 > room 2
-    ("g-r4", None, "g-k4-r8", "cannot be placed exactly"),  # k=4 does not refine k=2; its export is rank 32
+    ("g-r4", None, "g-k4-r8", "cannot be placed exactly"),  # k=4 coarsened into k=2 needs sub-block rank 8 > 2
+    ("g-r4", 16, "g-k4-r8", None),  # padded to s=8: room for the coarsened grid
     ("g-r4", None, "plain-r8", "cannot be placed exactly"),
     ("g-r4", 8, "g-h2", None),  # padded to s=4: sub-block rank 2 + hybrid 2 overflowing into the grid
     ("g-r4", 8, "g-r8-k2-h2", "cannot be placed exactly"),  # needs s=3 and h=2 but the default padding is s=4, h=0
@@ -156,6 +157,17 @@ def test_hotswap_from_state_dict_with_a_wrong_config_is_refused(saved):
     assert all(torch.equal(before[n], p) for n, p in _weights(model).items())
 
 
+def test_hotswap_with_dora_and_another_layout_is_refused(saved, tmp_path):
+    base, adapters = saved
+    model = get_peft_model(copy.deepcopy(base), config(use_dora=True))
+    before = _weights(model)
+    incoming = get_peft_model(copy.deepcopy(base), config(r=2, use_dora=True))
+    incoming.save_pretrained(tmp_path / "dora-r2")
+    with pytest.raises(ValueError, match=r"DoRA.*not supported"):
+        hotswap_adapter(model, tmp_path / "dora-r2", adapter_name="default", torch_device="cpu")
+    assert all(torch.equal(before[n], p) for n, p in _weights(model).items())
+
+
 def test_prepare_pads_inside_the_layout_and_updates_hybrid_r(saved):
     base, adapters = saved
     model = _resident(base, adapters, "g-h2")  # r=6: s=2, h=2
@@ -197,19 +209,24 @@ def test_prepare_refuses_before_any_change(saved, kwargs, match):
     assert isinstance(model.base_model.model.lin0.scaling["default"], float)  # not even the scalings converted
 
 
-def test_compiled_hotswap_does_not_recompile(saved):
+@pytest.mark.parametrize(
+    "resident, swaps",
+    [("g-r4", ["g-r2", "plain-r2", "g-h2", "g-k1", "g-r4"]), ("plain-r2", ["g-r4", "plain-r8", "g-r2"])],
+    ids=["gralora-resident", "plain-resident"],
+)
+def test_compiled_hotswap_does_not_recompile(saved, resident, swaps):
     import torch._dynamo
 
     base, adapters = saved
-    model = _resident(base, adapters, "g-r4")
+    model = _resident(base, adapters, resident)
     prepare_model_for_compiled_hotswap(model, target_rank=8, config=model.peft_config)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(X), adapters["g-r4"][1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(X), adapters[resident][1], atol=1e-5, rtol=1e-5)
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for incoming in ["g-r2", "plain-r2", "g-h2", "g-k1", "g-r4"]:
+            for incoming in swaps:
                 hotswap_adapter(compiled, adapters[incoming][0], adapter_name="default", torch_device="cpu")
                 with torch.no_grad():
                     torch.testing.assert_close(compiled(X), adapters[incoming][1], atol=1e-5, rtol=1e-5)
@@ -238,11 +255,12 @@ def test_fit_factors_is_exact_or_refused(src, dst, seed):
         new_A, new_B = gralora_fit_factors(weight_A, weight_B, k, h, tk, th, tk * ts + th)
     except ValueError as exc:
         assert "does not fit" in str(exc)
-        # refused only when neither the refined grid nor the plain export fits
-        refine_fits = k > 1 and tk % k == 0 and s + max(0, h - th) <= ts
+        # refused only when neither the refined / coarsened grid nor the plain export fits
+        grid_need = s if tk % k == 0 else (k // tk) ** 2 * s if k % tk == 0 else None  # refined / coarsened
+        embed_fits = k > 1 and grid_need is not None and grid_need + max(0, h - th) <= ts
         export_rank = (s if k == 1 else k * k * s) + h  # k=1 is plain already; else the export has rank k * g
         export_tried = k == 1 or k != tk
-        assert not refine_fits and not (export_tried and max(0, export_rank - th) <= ts)
+        assert not embed_fits and not (export_tried and max(0, export_rank - th) <= ts)
         return
     assert new_A.shape == (tk * ts + th, 8) and new_B.shape == (12, tk * ts + th)
     torch.testing.assert_close(dense_delta(new_A, new_B, tk, th), expected, rtol=1e-10, atol=1e-10)

@@ -242,3 +242,23 @@ def test_state_dict_helpers_keep_the_layout():
     peft.set_peft_model_state_dict(other, state)
     with torch.no_grad():
         assert torch.equal(other(X), model(X))
+
+
+def test_rescale_adapter_scale():
+    # peft.helpers.rescale_adapter_scale multiplies each layer's scaling: the whole GraLoRA delta scales with it
+    from peft.helpers import rescale_adapter_scale
+
+    model = get_peft_model(TinyMLP(), config())
+    half = reference_output(model, {}, extra=lambda layer: 0.5 * layer.scaling["default"] * _delta(layer))
+    with rescale_adapter_scale(model, 0.5), torch.no_grad():
+        torch.testing.assert_close(model(X).double(), half, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(X).double(), reference_output(model, {"default": (2, 2)}), atol=1e-5, rtol=1e-5
+        )
+
+
+def _delta(layer) -> torch.Tensor:
+    if not isinstance(layer, LoraLayer):
+        return 0
+    return dense_delta(layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2, 2)

@@ -286,7 +286,7 @@ CAT_PARTNERS = {
 # partner -> (use_gralora, gralora_k, r, hybrid_r) of the result on TinyMLP with "first" = (r=4, k=2, h=0)
 CAT_LAYOUTS = {
     "same": (True, 2, 8, 0),
-    "k4": (True, 2, 20, 16),  # k=4 does not fit k=2 blocks: its exact plain export (rank 4 * 4) joins the hybrid
+    "k4": (True, 2, 12, 0),  # k=4 coarsened into k=2 blocks: sub-block rank 2 * 2 * 1 = 4 (its export would be 16)
     "hybrid": (True, 2, 8, 2),
     "plain": (True, 2, 8, 4),
     "hybrid-rslora": (True, 2, 12, 2),
@@ -328,7 +328,11 @@ def test_cat_is_the_weighted_sum_of_the_deltas(partner):
 
 @pytest.mark.parametrize("second_targets", [("lin0", "lin1"), ("lin1",)], ids=["same-targets", "other-targets"])
 @pytest.mark.parametrize("partner", ["same", "k4", "hybrid", "plain", "hybrid-rslora", "rank-pattern"])
-@pytest.mark.parametrize("first", [{}, dict(use_rslora=True, hybrid_r=2)], ids=["first-plain-scaling", "first-rslora"])
+@pytest.mark.parametrize(
+    "first",
+    [{}, dict(use_rslora=True, hybrid_r=2), dict(gralora_k=4, r=8)],
+    ids=["first-plain-scaling", "first-rslora", "first-k4"],  # first-k4: k=2 partners are refined into k=4 blocks
+)
 def test_cat_with_unit_weights_is_both_adapters_active(partner, first, second_targets):
     # peft's own property of cat: weights [1, 1] compute what both adapters active at once compute
     model = _cat_model(partner, first, second_targets)

@@ -463,6 +463,8 @@ def gralora_pieces(
     - the hybrid branch, and a ``k == 1`` grid, are plain pieces;
     - a grid with ``k == target_k`` is one grid piece (a view of the factors);
     - a grid with ``k`` dividing ``target_k`` is one grid piece of the same sub-block rank when ``embed``;
+    - a grid with ``target_k`` dividing ``k = q * target_k`` is one grid piece of sub-block rank ``q^2 s`` when
+      ``embed`` (each coarse block holds ``q x q`` fine blocks of rank ``s``);
     - any other grid becomes a plain piece of rank ``k * g`` through the exact :func:`export_lora_factors`.
 
     Args:
@@ -489,12 +491,42 @@ def gralora_pieces(
         if q > 1:  # fine block I lies in coarse block I // q
             a3, b3 = a3.repeat_interleave(q, dim=0), b3.repeat_interleave(q, dim=1)
         pieces.grid.append((a3, b3))
+    elif embed and k % target_k == 0:
+        pieces.grid.append(_coarsened(weight_A[:g], weight_B[:, :g], k, k // target_k))
     else:
         a_plain, b_plain = export_lora_factors(weight_A[:g], weight_B[:, :g], k, 0)  # (k g, in), (out, k g)
         pieces.plain.append((a_plain, b_plain))
     if hybrid_r:
         pieces.plain.append((weight_A[g:], weight_B[:, g:]))
     return pieces
+
+
+def _coarsened(a_grid: torch.Tensor, b_grid: torch.Tensor, k: int, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A grid of ``k = q * kc`` blocks as one grid piece of ``kc`` blocks and sub-block rank ``q^2 s``.
+
+    Sub-ranks ``(a, b, t)``: fine block ``(q I + a, q J + b)`` of coarse block ``(I, J)``, its sub-rank ``t``. Row
+    ``(I, (a, b, t))`` of the piece's ``A`` is row ``t`` of ``A_{qI+a, j}`` on the fine column blocks ``j = b (mod
+    q)``, zero elsewhere; column ``(J, (a, b, t))`` of its ``B`` is column ``t`` of ``B_{i, qJ+b}`` on the fine row
+    blocks ``i = a (mod q)``, zero elsewhere.
+
+    Args:
+        a_grid: ``(g, in)``, rows ``(i, t)``.
+        b_grid: ``(out, g)``, columns ``(j, t)``.
+
+    Returns:
+        ``A3 (kc, q*q*s, in)`` and ``B3 (out, kc, q*q*s)``.
+    """
+    g, in_features = a_grid.shape
+    out_features = b_grid.shape[0]
+    kc, s = k // q, g // k
+    a4 = a_grid.reshape(kc, q, s, kc, q, in_features // k)  # (I, a, t, J', b', c): fine i = qI+a, j = qJ'+b'
+    b4 = b_grid.reshape(kc, q, out_features // k, kc, q, s)  # (I', a', row, J, b, t): fine i = qI'+a', j = qJ+b
+    eye = torch.eye(q, dtype=a_grid.dtype, device=a_grid.device)
+    # A3[I, a, b, t, J', b', c] = a4[I, a, t, J', b', c] * [b' == b]
+    a3 = torch.einsum("iatjyc,by->iabtjyc", a4, eye).reshape(kc, q * q * s, in_features)
+    # B3[I', a', row, J, a, b, t] = b4[I', a', row, J, b, t] * [a' == a]
+    b3 = torch.einsum("ixrjbt,xa->ixrjabt", b4, eye).reshape(out_features, kc, q * q * s)
+    return a3, b3
 
 
 def gralora_assemble(
@@ -578,8 +610,8 @@ def gralora_fit_factors(
     target_hybrid_r)``; plain LoRA on either side is ``k=1, hybrid_r=0``.
 
     Used to pad an adapter to a larger rank (zero sub-ranks in every block, zero hybrid rows) and to move an adapter
-    into a resident layout (hotswap). Tries the grid embedding first (when ``k`` divides ``target_k``), then the plain
-    export of the grid.
+    into a resident layout (hotswap). Tries the grid embedding first (refined when ``k`` divides ``target_k``,
+    coarsened when ``target_k`` divides ``k``), then the plain export of the grid.
 
     Args:
         weight_A: ``(r, in)``.
@@ -599,6 +631,6 @@ def gralora_fit_factors(
             return gralora_assemble([pieces], target_r, target_hybrid_r, shp.in_features, shp.out_features)
         except ValueError as exc:
             error = error or exc
-        if k == 1 or target_k % k:  # the second try would cut the same pieces
+        if k in (1, target_k) or (target_k % k and k % target_k):  # the second try would cut the same pieces
             break
     raise error

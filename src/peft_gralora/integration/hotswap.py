@@ -13,8 +13,9 @@ when the layouts differ. Here:
   True)`` call) moves every incoming layer exactly into the resident layer's layout
   (:func:`peft_gralora.functional.gralora_fit_factors`): a smaller GraLoRA adapter with the same ``k`` is padded per
   block, a plain LoRA or a GraLoRA hybrid branch goes into the resident hybrid branch and, beyond it, into the grid,
-  a GraLoRA grid with a ``k`` dividing the resident ``k`` is refined, and a GraLoRA adapter swapped into a plain LoRA
-  one goes in through its exact plain export. The resident layout (``gralora_k``, ``hybrid_r``, the variant) never
+  a GraLoRA grid with a ``k`` dividing the resident ``k`` is refined (one with a multiple of it coarsened, else its
+  exact plain export is tried), and a GraLoRA adapter swapped into a plain LoRA one goes in through its exact plain
+  export. The resident layout (``gralora_k``, ``hybrid_r``, the variant) never
   changes, so a compiled model is not recompiled. What does not fit raises ``ValueError`` naming the layer and the
   room it needs, before any weight changes.
 

@@ -181,16 +181,28 @@ def _cat_layers(self, adapters: list[str]) -> dict[str, Any]:
     return layers
 
 
+def _embedding_is_cheaper(k: int, hybrid_r: int, target_k: int, r: int) -> bool:
+    """Whether a grid of ``k`` blocks takes less (or equal) rank refined / coarsened into ``target_k`` blocks than
+    exported to plain LoRA (``k g``). Refined: ``target_k s``; coarsened by ``q``: ``target_k q^2 s``."""
+    s = (r - hybrid_r) // k
+    if target_k % k == 0:
+        return target_k * s <= k * k * s
+    if k % target_k == 0:
+        return target_k * (k // target_k) ** 2 * s <= k * k * s
+    return False
+
+
 def _gralora_cat(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
     """``cat`` for any mix of GraLoRA and plain LoRA adapters, exact: the new adapter's delta is
     ``sum_i weights[i] * delta_i`` (with each adapter's own scaling).
 
     Layout of the result (:func:`peft_gralora.functional.gralora_assemble`): a GraLoRA adapter with the ``gralora_k``
     of the first GraLoRA adapter; every GraLoRA adapter with that ``k`` joins block by block (sub-block rank
-    ``s = s_1 + s_2 + ...``); hybrid branches, plain LoRA adapters and GraLoRA adapters with another ``k`` (through
-    the exact plain export, rank ``k g``) sit side by side in the hybrid branch. When a layer's features are not
-    divisible by that ``k``, the result is a plain LoRA adapter holding every adapter's exact plain form. The weights
-    and scalings are folded into the ``A`` factors, as peft's ``cat`` does.
+    ``s = s_1 + s_2 + ...``); a GraLoRA adapter with another ``k`` joins the blocks too when its ``k`` divides or is
+    a multiple of that ``k`` and that takes less rank than its exact plain export (rank ``k g``), else the export
+    joins the hybrid branch; hybrid branches and plain LoRA adapters sit side by side in the hybrid branch. When a
+    layer's features are not divisible by that ``k``, the result is a plain LoRA adapter holding every adapter's exact
+    plain form. The weights and scalings are folded into the ``A`` factors, as peft's ``cat`` does.
     """
     _, _, new_target_modules = self._check_add_weighted_adapter(
         adapters=adapters, combination_type="cat", svd_rank=None
@@ -207,10 +219,12 @@ def _gralora_cat(self, adapters: list[str], weights: list[float], adapter_name: 
     if any(i % target_k or o % target_k for i, o in shapes.values()):
         target_k = 0  # a plain LoRA result: (k=1, hybrid_r=0) in the layout maths below
     cut_k = max(target_k, 1)
-    # pieces per layer, unscaled (the weights are folded in once the new scaling is known)
+    # pieces per layer, unscaled (the weights are folded in once the new scaling is known); a grid with another k is
+    # refined / coarsened into the target blocks or exported to plain LoRA, whichever takes less rank
+    embed = {a: _embedding_is_cheaper(*layout[a], cut_k, configs[adapters.index(a)].r) for a in adapters}
     cut = {
         name: {
-            a: gralora_pieces(layer.lora_A[a].weight, layer.lora_B[a].weight, *layout[a], cut_k, embed=False)
+            a: gralora_pieces(layer.lora_A[a].weight, layer.lora_B[a].weight, *layout[a], cut_k, embed=embed[a])
             for a in dict.fromkeys(adapters)
             if a in layer.lora_A
         }
