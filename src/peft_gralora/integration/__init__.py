@@ -42,7 +42,19 @@ patch point                           why
                                       layers already adapted back out, so a refused config leaves the model unchanged
 ``LoraModel.add_weighted_adapter``    each combination type gives the right result for GraLoRA adapters or a clear
                                       error (never plain-LoRA math on GraLoRA weights)
+``set_peft_model_state_dict`` in      every peft load path ends here: a state dict saved by the GraLoRA PEFT fork
+every peft module holding it          (``gralora_A`` / ``gralora_B`` keys) is converted exactly to our layout, a
+                                      partial or mixed one refused (:mod:`.loading`)
+``PeftAdapterMixin.load_adapter``     transformers 5 loads adapter files without peft: a fork-layout GraLoRA adapter
+(transformers)                        is handed over converted (its ``adapter_state_dict`` argument)
+``peft.tuners.lora.variants``         adds ``GraLoraLinearVariant`` / ``GraLoraDoraLinearVariant`` where peft keeps its
+``.GraLoRa*LinearVariant`` (x2)       LoRA variants (removed by ``uninstall()``)
 ====================================  =================================================================================
+
+Outside :data:`SUPPORTED_PEFT` (or if installing fails), the import hook's :func:`auto_install` patches one point
+only, ``LoraConfig.__init__``, so that ``LoraConfig(use_gralora=True)`` (and loading a GraLoRA adapter) raises
+:class:`UnsupportedPeftVersionError` naming the installed peft, the range and the fix; plain LoRA and ``import peft``
+are untouched, and one warning names the range.
 
 Nothing in torch or transformers is rebound. ``install()`` is idempotent; ``uninstall()`` puts back every original
 object (``is``-identical) and removes what was added.
@@ -59,7 +71,9 @@ from typing import Any
 from ..config import GRALORA_FIELDS
 from . import config as _config
 from . import layers as _layers
+from . import loading as _loading
 from . import model as _model
+from . import variants as _variants
 from ._targets import peft_targets
 
 __all__ = [
@@ -67,22 +81,32 @@ __all__ = [
     "UnsupportedPeftVersionError",
     "check_peft_version",
     "install",
+    "auto_install",
     "uninstall",
     "is_installed",
     "gralora_installed",
     "patch_table",
 ]
 
-SUPPORTED_PEFT = ">=0.21.0,<0.22"
+SUPPORTED_PEFT = ">=0.20.0,<0.22"
 _MISSING = object()
 _lock = threading.RLock()
 # (owner, attribute) -> the owner's own ``__dict__`` entry before install (_MISSING if it had none)
 _originals: dict[tuple[Any, str], Any] = {}
 _added_fields: list[str] = []
+# True while only the refusal (auto_install outside the supported range) is in place
+_refusing = False
 
 
 class UnsupportedPeftVersionError(ImportError):
     """peft is outside the range this package was written and tested against."""
+
+
+def _unsupported_message(version: str) -> str:
+    return (
+        f"peft-gralora supports peft{SUPPORTED_PEFT}, but peft {version} is installed. Install a supported peft "
+        f"(pip install 'peft{SUPPORTED_PEFT}') or set PEFT_GRALORA_DISABLE=1 to run without GraLoRA."
+    )
 
 
 def check_peft_version(version: str | None = None) -> str:
@@ -98,18 +122,15 @@ def check_peft_version(version: str | None = None) -> str:
         import peft
 
         version = peft.__version__
-    if Version(version) not in SpecifierSet(SUPPORTED_PEFT):
-        raise UnsupportedPeftVersionError(
-            f"peft-gralora supports peft{SUPPORTED_PEFT}, but peft {version} is installed. "
-            f"Install a supported peft (pip install 'peft{SUPPORTED_PEFT}') or set PEFT_GRALORA_DISABLE=1 to run "
-            "without GraLoRA."
-        )
+    # pre-releases and dev builds of a supported minor count as that minor
+    if not SpecifierSet(SUPPORTED_PEFT).contains(Version(version), prereleases=True):
+        raise UnsupportedPeftVersionError(_unsupported_message(version))
     return version
 
 
 def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for every patched attribute (fields aside), all modules."""
-    return [*_config.patches(), *_layers.patches(), *_model.patches()]
+    return [*_config.patches(), *_layers.patches(), *_model.patches(), *_loading.patches(), *_variants.patches()]
 
 
 def _resolve_original(owner: Any, attr: str) -> Any:
@@ -124,8 +145,14 @@ def _resolve_original(owner: Any, attr: str) -> Any:
 
 
 def is_installed() -> bool:
-    """Whether GraLoRA is currently installed into peft."""
-    return bool(_originals)
+    """Whether GraLoRA is currently installed into peft (the refusal of :func:`auto_install` does not count)."""
+    return bool(_originals) and not _refusing
+
+
+def _apply(replacements: list[tuple[Any, str, Any]]) -> None:
+    for owner, attr, new in replacements:
+        _originals[(owner, attr)] = owner.__dict__.get(attr, _MISSING)
+        setattr(owner, attr, new)
 
 
 def install() -> None:
@@ -135,29 +162,86 @@ def install() -> None:
         UnsupportedPeftVersionError: outside :data:`SUPPORTED_PEFT`; nothing is patched then.
     """
     with _lock:
-        if _originals:
+        if is_installed():
             return
         check_peft_version()
+        # the refusal of auto_install, if in place: its __init__ must not be taken for peft's own
+        uninstall()
         table = patch_table()
         cfg = peft_targets()["LoraConfig"]
         fields = _config.gralora_fields()
         # build every replacement before touching anything: an error here leaves peft as it was
         replacements = []
         for owner, attr, make in table:
-            current = _resolve_original(owner, attr) if attr not in GRALORA_FIELDS else None
+            added = attr in GRALORA_FIELDS or getattr(make, "adds_attribute", False)
+            current = None if added else _resolve_original(owner, attr)
             replacements.append((owner, attr, make(current)))
-        for owner, attr, new in replacements:
-            _originals[(owner, attr)] = owner.__dict__.get(attr, _MISSING)
-            setattr(owner, attr, new)
+        _apply(replacements)
         for name, field in fields.items():
             if name not in cfg.__dataclass_fields__:
                 cfg.__dataclass_fields__[name] = field
                 _added_fields.append(name)
 
 
+def _make_refusing_init(original: Callable, message: str) -> Callable:
+    """``LoraConfig.__init__`` for a peft this package cannot install into: GraLoRA configs raise, plain LoRA runs."""
+    import functools
+    import inspect
+
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        wanted = {name: kwargs.pop(name) for name in GRALORA_FIELDS if name in kwargs}
+        if wanted.get("use_gralora"):
+            raise UnsupportedPeftVersionError(f"LoraConfig(use_gralora=True) is not available: {message}")
+        original(self, *args, **kwargs)
+
+    # peft passes a saved config's keys through this signature: a GraLoRA adapter must reach the error above
+    sig = inspect.signature(original)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in GRALORA_FIELDS]
+    var_kw = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    __init__.__signature__ = sig.replace(parameters=params + extra + var_kw)
+    return __init__
+
+
+def auto_install() -> None:
+    """What the import hook runs when peft is imported: :func:`install`, and never an exception.
+
+    Where installing fails (peft outside :data:`SUPPORTED_PEFT`, or an error while patching), emits one warning naming
+    the supported range and the reason, and patches only ``LoraConfig.__init__`` so that a GraLoRA config raises
+    :class:`UnsupportedPeftVersionError` with the fix instead of being dropped or rejected as an unknown argument.
+    ``import peft`` and plain LoRA keep working.
+    """
+    import warnings
+
+    global _refusing
+    with _lock:
+        try:
+            install()
+            return
+        except Exception as exc:  # whatever went wrong, peft itself must stay importable
+            import peft
+
+            if isinstance(exc, UnsupportedPeftVersionError):
+                message = str(exc)
+            else:
+                message = (
+                    f"installing GraLoRA into peft {peft.__version__} failed ({type(exc).__name__}: {exc}); "
+                    f"{_unsupported_message(peft.__version__)}"
+                )
+            warnings.warn(f"{message} GraLoRA is disabled; plain peft works as usual.", stacklevel=2)
+            if _originals:
+                return
+            cfg = peft_targets()["LoraConfig"]
+            _apply([(cfg, "__init__", _make_refusing_init(_resolve_original(cfg, "__init__"), message))])
+            _refusing = True
+
+
 def uninstall() -> None:
     """Restore peft exactly as it was before :func:`install` (a no-op when not installed)."""
+    global _refusing
     with _lock:
+        _refusing = False
         if not _originals:
             return
         cfg = peft_targets()["LoraConfig"]
