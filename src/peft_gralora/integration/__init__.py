@@ -45,6 +45,8 @@ patch point                           why
 ``set_peft_model_state_dict`` in      every peft load path ends here: a state dict saved by the GraLoRA PEFT fork
 every peft module holding it          (``gralora_A`` / ``gralora_B`` keys) is converted exactly to our layout, a
                                       partial or mixed one refused (:mod:`.loading`)
+``PeftModel.load_adapter``            a refused fork file leaves no half-added adapter behind (peft adds the adapter
+                                      before it reads the weights)
 ``PeftAdapterMixin.load_adapter``     transformers 5 loads adapter files without peft: a fork-layout GraLoRA adapter
 (transformers)                        is handed over converted (its ``adapter_state_dict`` argument)
 ``peft.tuners.lora.variants``         adds ``GraLoraLinearVariant`` / ``GraLoraDoraLinearVariant`` where peft keeps its
@@ -122,8 +124,8 @@ def check_peft_version(version: str | None = None) -> str:
         import peft
 
         version = peft.__version__
-    # pre-releases and dev builds of a supported minor count as that minor
-    if not SpecifierSet(SUPPORTED_PEFT).contains(Version(version), prereleases=True):
+    # pre-releases and dev builds are outside (0.22.0.dev0 sorts below 0.22 but is peft's next minor in the making)
+    if not SpecifierSet(SUPPORTED_PEFT).contains(Version(version), prereleases=False):
         raise UnsupportedPeftVersionError(_unsupported_message(version))
     return version
 

@@ -30,7 +30,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..convert import fork_to_variant_state_dict, has_fork_layout
+from ..convert import AdapterConversionError, fork_to_variant_state_dict, has_fork_layout
+from .model import _remove_injected
 
 __all__ = ["patches", "convert_fork_state_dict"]
 
@@ -53,15 +54,15 @@ def convert_fork_state_dict(config: Any, state_dict: dict[str, Any], adapter_nam
         adapter_name: for the messages.
 
     Raises:
-        ValueError: fork-layout weights under a plain LoRA config (they would load as the base model), or a fork
-            state dict that is partial, mixed or inconsistent (:class:`~peft_gralora.convert.AdapterConversionError`,
-            naming the module). Raised before any weight is loaded.
+        AdapterConversionError: (a ``ValueError``) fork-layout weights under a plain LoRA config (they would load as
+            the base model), or a fork state dict that is partial, mixed or inconsistent (naming the module). Raised
+            before any weight is loaded.
     """
     if not _is_lora(config) or not has_fork_layout(state_dict):
         return state_dict
     if not getattr(config, "use_gralora", False):
         example = next(key for key in state_dict if "gralora_" in key)
-        raise ValueError(
+        raise AdapterConversionError(
             f"The weights of adapter {adapter_name!r} are GraLoRA weights saved by the GraLoRA PEFT fork (e.g. "
             f"{example!r}), but its LoraConfig has use_gralora=False, so they would load as plain LoRA (the base "
             "model's outputs). Load it with the adapter's own adapter_config.json (use_gralora: true), or pass a "
@@ -101,6 +102,27 @@ def _make_set_peft_model_state_dict(original: Callable) -> Callable:
 
     set_peft_model_state_dict.gralora_original = original
     return set_peft_model_state_dict
+
+
+def _make_peft_load_adapter(original: Callable) -> Callable:
+    """``PeftModel.load_adapter`` adds the new adapter before it reads the weights: when they are refused, take it out
+    again (layers it wrapped unwrapped, its config dropped), so that a refused file leaves the model as it was."""
+
+    @functools.wraps(original)
+    def load_adapter(self, model_id, adapter_name, *args: Any, **kwargs: Any):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        existed = adapter_name in self.peft_config
+        layers = {name: m for name, m in self.named_modules() if isinstance(m, BaseTunerLayer)}
+        try:
+            return original(self, model_id, adapter_name, *args, **kwargs)
+        except AdapterConversionError:
+            if not existed and adapter_name in self.peft_config:
+                _remove_injected(self, adapter_name, layers)
+                del self.peft_config[adapter_name]
+            raise
+
+    return load_adapter
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,11 +225,13 @@ def _modules_holding(function: Callable) -> list[Any]:
 
 def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for adapter loading."""
+    from peft import PeftModel
     from peft.utils import save_and_load
     from transformers.integrations.peft import PeftAdapterMixin
 
     holders = _modules_holding(save_and_load.set_peft_model_state_dict)
     return [
         *[(module, "set_peft_model_state_dict", _make_set_peft_model_state_dict) for module in holders],
+        (PeftModel, "load_adapter", _make_peft_load_adapter),
         (PeftAdapterMixin, "load_adapter", _make_load_adapter),
     ]
