@@ -111,21 +111,42 @@ def _unsupported_message(version: str) -> str:
     )
 
 
+def _in_supported_range(version: str) -> bool:
+    """``version`` in :data:`SUPPORTED_PEFT` (comma-joined ``>=``/``>``/``<=``/``<``/``==``/``!=`` clauses)."""
+    # packaging.version is already loaded by peft; packaging.specifiers would cost ~30 ms of regex compilation at
+    # every `import peft`
+    import operator
+
+    from packaging.version import InvalidVersion, Version
+
+    ops = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
+    ops.update({">": operator.gt, "<": operator.lt})  # after the two-character ones: matched in this order
+    try:
+        v = Version(version)
+    except InvalidVersion:
+        return False
+    # pre-releases and dev builds are outside (0.22.0.dev0 sorts below 0.22 but is peft's next minor in the making)
+    if v.is_prerelease or v.is_devrelease:
+        return False
+    for clause in SUPPORTED_PEFT.split(","):
+        clause = clause.strip()
+        op = next(o for o in ops if clause.startswith(o))
+        if not ops[op](v, Version(clause[len(op) :])):
+            return False
+    return True
+
+
 def check_peft_version(version: str | None = None) -> str:
     """Return peft's version, or raise if it is outside :data:`SUPPORTED_PEFT`.
 
     Raises:
         UnsupportedPeftVersionError: naming the installed version, the supported range and the fix.
     """
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
     if version is None:
         import peft
 
         version = peft.__version__
-    # pre-releases and dev builds are outside (0.22.0.dev0 sorts below 0.22 but is peft's next minor in the making)
-    if not SpecifierSet(SUPPORTED_PEFT).contains(Version(version), prereleases=False):
+    if not _in_supported_range(version):
         raise UnsupportedPeftVersionError(_unsupported_message(version))
     return version
 

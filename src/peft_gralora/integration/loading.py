@@ -214,12 +214,10 @@ def _modules_holding(function: Callable) -> list[Any]:
     """peft's modules whose namespace holds peft's ``function`` (each imported it by name), or our wrapper of it."""
     original = getattr(function, "gralora_original", function)
     found = []
-    for module_name, module in sorted(sys.modules.items()):
-        if module_name != "peft" and not module_name.startswith("peft."):
-            continue
-        held = getattr(module, "__dict__", {}).get(original.__name__)
+    for module_name in sorted(name for name in list(sys.modules) if name == "peft" or name.startswith("peft.")):
+        held = getattr(sys.modules[module_name], "__dict__", {}).get(original.__name__)
         if held is not None and getattr(held, "gralora_original", held) is original:
-            found.append(module)
+            found.append(sys.modules[module_name])
     return found
 
 
