@@ -58,7 +58,9 @@ only, ``LoraConfig.__init__``, so that ``LoraConfig(use_gralora=True)`` (and loa
 :class:`UnsupportedPeftVersionError` naming the installed peft, the range and the fix; plain LoRA and ``import peft``
 are untouched, and one warning names the range.
 
-Nothing in torch or transformers is rebound. ``install()`` is idempotent; ``uninstall()`` puts back every original
+Nothing in torch is rebound, and in transformers one method only, ``PeftAdapterMixin.load_adapter`` (its adapter
+loader bypasses peft in transformers 5), which calls transformers' own for everything but fork-layout GraLoRA
+adapters. ``install()`` is idempotent; ``uninstall()`` puts back every original
 object (``is``-identical) and removes what was added.
 """
 
