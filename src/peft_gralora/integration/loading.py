@@ -197,7 +197,11 @@ def _fork_arguments(arguments: dict[str, Any]) -> tuple[Any, dict[str, Any]] | N
 
 
 def _make_load_adapter(original: Callable) -> Callable:
+    import transformers
+
     signature = inspect.signature(original)
+    # transformers 4 reads the file again whenever it has a peft_model_id, even next to an adapter_state_dict
+    rereads_file = int(transformers.__version__.split(".")[0]) < 5
 
     @functools.wraps(original)
     def load_adapter(self, *args: Any, **kwargs: Any):
@@ -205,6 +209,8 @@ def _make_load_adapter(original: Callable) -> Callable:
         fork = _fork_arguments(bound.arguments)
         if fork is not None:
             bound.arguments["peft_config"], bound.arguments["adapter_state_dict"] = fork
+            if rereads_file:
+                bound.arguments["peft_model_id"] = None
         return original(*bound.args, **bound.kwargs)
 
     return load_adapter
