@@ -207,6 +207,7 @@ def build_fork_adapter(path: Path, conv: bool, k: int, h: int, lora_bias: bool) 
         gralora_k=k,
         hybrid_r=h,
         lora_bias=lora_bias,
+        init_lora_weights=False,  # the only setting under which the fork's unused lora_B is not zero
         target_modules=["up", "down"],
         fan_in_fan_out=conv,
         peft_version="0.17.2.dev0@UNKNOWN",
@@ -279,6 +280,11 @@ BROKEN = {
         rf"'{DOWN}'.*not the fork's layout",
     ),
     "use_dora": (lambda p: _edit_config(p, use_dora=True), "use_dora"),
+    # with init_lora_weights=True the fork's lora_B is zero for good: a trained one came from somewhere else
+    "trained lora_B in a fork module": (
+        lambda p: _edit_config(p, init_lora_weights=True),
+        r"'base_model.model.(up|down)'.*non-zero lora_B",
+    ),
 }
 
 

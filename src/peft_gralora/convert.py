@@ -518,6 +518,7 @@ def fork_to_variant_state_dict(
     hybrid_r: int,
     lora_bias: bool = False,
     use_dora: bool = False,
+    init_lora_weights: Any = True,
 ) -> ForkConversion:
     """Convert a state dict saved by the GraLoRA PEFT fork into this package's layout, exactly.
 
@@ -532,13 +533,14 @@ def fork_to_variant_state_dict(
 
     Args:
         tensors: the saved state dict (keys without adapter names, as peft saves them).
-        gralora_k, hybrid_r, lora_bias, use_dora: the adapter config's fields.
+        gralora_k, hybrid_r, lora_bias, use_dora, init_lora_weights: the adapter config's fields.
 
     Raises:
         AdapterConversionError: naming the module, before anything is converted: a module with ``gralora_*`` tensors
             missing or of the wrong shape, modules in this package's layout next to the fork's (a mixed file), dead
-            weights whose shapes do not match, unknown ``gralora_*`` keys, or ``use_dora=True`` (the fork ignores DoRA
-            for GraLoRA adapters and saves no magnitude).
+            weights whose shapes do not match, a non-zero ``lora_B`` although ``init_lora_weights`` zeroed it (the
+            fork never trains it: someone else did, in the same module), unknown ``gralora_*`` keys, or
+            ``use_dora=True`` (the fork ignores DoRA for GraLoRA adapters and saves no magnitude).
     """
     if use_dora:
         raise AdapterConversionError(
@@ -581,6 +583,13 @@ def fork_to_variant_state_dict(
                     f"{tuple(parts[part].shape)}, but its gralora_* weights give {tuple(expected)}; this is not the "
                     "fork's layout (mixed or edited file), nothing was loaded."
                 )
+        # the fork zeroes lora_B unless init_lora_weights=False and never trains it (its forward does not read it)
+        if init_lora_weights is not False and "dead_B" in parts and parts["dead_B"].any():
+            raise AdapterConversionError(
+                f"Module {name!r} holds the GraLoRA fork's gralora_* weights and also a non-zero lora_B.weight, "
+                f"which the fork leaves at zero (init_lora_weights={init_lora_weights!r}) and never trains: the "
+                "module mixes the fork's layout with trained LoRA weights of another origin; nothing was loaded."
+            )
         out[name + _VARIANT_KEYS["A"]] = weight_A
         out[name + _VARIANT_KEYS["B"]] = weight_B
         if lora_bias:
@@ -598,6 +607,7 @@ def _fork_to_variant(adapter: _Adapter) -> tuple[dict[str, Any], dict[str, torch
         hybrid_r=_int_field(cfg, "hybrid_r", 0),
         lora_bias=bool(cfg.get("lora_bias", False)),
         use_dora=bool(cfg.get("use_dora", False)),
+        init_lora_weights=cfg.get("init_lora_weights", True),
     )
     # the config already is a LoraConfig(use_gralora=True) one, with this package's meaning of every field
     return dict(cfg), result.tensors

@@ -74,6 +74,7 @@ def convert_fork_state_dict(config: Any, state_dict: dict[str, Any], adapter_nam
         hybrid_r=config.hybrid_r,
         lora_bias=bool(getattr(config, "lora_bias", False)),
         use_dora=bool(getattr(config, "use_dora", False)),
+        init_lora_weights=getattr(config, "init_lora_weights", True),
     )
     note = ""
     if result.ignored_bias:
