@@ -89,6 +89,39 @@ def importtime_us(code: str, module: str, repeats: int, disabled: bool = False) 
     }
 
 
+_INSTALL_CODE = """
+import time
+import peft
+t0 = time.perf_counter()
+import peft_gralora.integration as integration
+t1 = time.perf_counter()
+integration.install()
+t2 = time.perf_counter()
+assert integration.is_installed()
+print(1e3 * (t2 - t0), 1e3 * (t2 - t1))
+"""
+
+
+def install_call_ms(repeats: int) -> dict[str, Any]:
+    """What the hook adds to ``import peft``, timed in-process (immune to the seconds-long noise of importing peft):
+    median ms of importing ``peft_gralora.integration`` plus ``install()``, and of ``install()`` alone, each in a fresh
+    interpreter where peft was imported with the hook off."""
+    total: list[float] = []
+    alone: list[float] = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", _INSTALL_CODE], env=_env(True), check=True, capture_output=True, text=True
+        )
+        a, b = (float(v) for v in out.stdout.split()[-2:])
+        total.append(a)
+        alone.append(b)
+    return {
+        "repeats": repeats,
+        "median_import_and_install_ms": statistics.median(total),
+        "median_install_ms": statistics.median(alone),
+    }
+
+
 def bench_startup(repeats: int = 40, peft_repeats: int = 10, log=print) -> dict[str, Any]:
     result: dict[str, Any] = {"bytecode_cache": True}
     result["bare_interpreter"] = paired_walls("pass", repeats)
@@ -101,6 +134,12 @@ def bench_startup(repeats: int = 40, peft_repeats: int = 10, log=print) -> dict[
     )
     result["import_peft"] = paired_walls("import peft", peft_repeats)
     result["install_importtime"] = importtime_us("import peft", "peft_gralora.integration", max(3, peft_repeats // 2))
+    result["install_call"] = install_call_ms(max(3, peft_repeats // 2))
+    call = result["install_call"]
+    log(
+        f"[startup] import of the integration + install(): {call['median_import_and_install_ms']:.1f} ms "
+        f"(install() alone {call['median_install_ms']:.1f} ms)"
+    )
     log(
         f"[startup] `import peft`: on {result['import_peft']['median_on_ms']:.0f} ms, off "
         f"{result['import_peft']['median_off_ms']:.0f} ms, paired diff "
@@ -114,6 +153,7 @@ def markdown(result: dict[str, Any]) -> str:
     peft = result["import_peft"]
     hook = result["hook_importtime"]
     inst = result.get("install_importtime", {})
+    call = result.get("install_call")
     return (
         "| measurement | hook on | hook off (`PEFT_GRALORA_DISABLE=1`) | cost of the hook |\n"
         "|---|---|---|---|\n"
@@ -126,4 +166,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"{peft['median_off_ms']:.0f} ms | {peft['median_paired_diff_ms']:.1f} ms (paired median) |\n"
         f"| `-X importtime -c 'import peft'`: `peft_gralora.integration` | "
         f"{inst.get('median_cumulative_us', float('nan')) / 1e3:.1f} ms | not imported | |\n"
+        + (
+            f"| in-process: import of `peft_gralora.integration` + `install()`, median of {call['repeats']} | "
+            f"{call['median_import_and_install_ms']:.1f} ms (`install()` alone: {call['median_install_ms']:.1f} ms) | "
+            f"not run | {call['median_import_and_install_ms']:.1f} ms |\n"
+            if call
+            else ""
+        )
     )

@@ -13,7 +13,8 @@ import re
 import pytest
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from peft.tuners.lora.config import ArrowConfig, BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
+from peft.tuners.lora import config as lora_config
+from peft.tuners.lora.config import ArrowConfig, BdLoraConfig, MontecloraConfig, VeloraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -102,7 +103,8 @@ UNSUPPORTED_VALUES = {
     "alora_invocation_tokens": [1, 2],
     "velora_config": VeloraConfig(),
     "monteclora_config": MontecloraConfig(),
-    "kasa_config": KasaConfig(),
+    # KaSA is new in peft 0.21: on peft 0.20 LoraConfig has no kasa_config (nothing to refuse)
+    **({"kasa_config": lora_config.KasaConfig()} if hasattr(lora_config, "KasaConfig") else {}),
     "use_qalora": True,
     "megatron_config": {"tensor_model_parallel_size": 1},
     "target_parameters": ["lin0.weight"],
@@ -110,7 +112,8 @@ UNSUPPORTED_VALUES = {
 
 
 def test_every_unsupported_option_has_a_case():
-    assert set(UNSUPPORTED_VALUES) == set(UNSUPPORTED_WITH_GRALORA)
+    # every option this peft's LoraConfig has (peft 0.20 has no kasa_config)
+    assert set(UNSUPPORTED_VALUES) == {o for o in UNSUPPORTED_WITH_GRALORA if o in LoraConfig.__dataclass_fields__}
 
 
 @pytest.mark.parametrize("option", sorted(UNSUPPORTED_VALUES))

@@ -127,7 +127,7 @@ def test_context_manager_keeps_an_existing_install():
     assert _owner_entries() == before
 
 
-@pytest.mark.parametrize("version", ["0.20.0", "0.22.0", "1.0.0", "0.21.0rc1"])
+@pytest.mark.parametrize("version", ["0.19.1", "0.22.0", "1.0.0", "0.21.0rc1", "0.22.0.dev0"])
 def test_unsupported_version_names_the_range(version):
     with pytest.raises(UnsupportedPeftVersionError, match=re.escape(f"peft{SUPPORTED_PEFT}, but peft {version}")):
         check_peft_version(version)
@@ -135,7 +135,7 @@ def test_unsupported_version_names_the_range(version):
     assert issubclass(UnsupportedPeftVersionError, ImportError)
 
 
-@pytest.mark.parametrize("version", ["0.21.0", "0.21.2", "0.21.9"])
+@pytest.mark.parametrize("version", ["0.20.0", "0.20.1", "0.21.0", "0.21.2", "0.21.9"])
 def test_supported_versions(version):
     assert check_peft_version(version) == version
     assert check_peft_version() == peft.__version__
@@ -144,7 +144,7 @@ def test_supported_versions(version):
 def test_install_under_unsupported_version_patches_nothing(pristine):
     entries, fields = pristine
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(peft, "__version__", "0.20.0")
+        mp.setattr(peft, "__version__", "0.19.1")
         with pytest.raises(UnsupportedPeftVersionError, match=re.escape(SUPPORTED_PEFT)):
             install()
         assert not is_installed()

@@ -1,5 +1,8 @@
 """Import hook run from ``peft_gralora.pth`` at interpreter start: installs GraLoRA the moment peft is imported.
 
+It never makes ``import peft`` fail: outside the supported peft range it warns once and leaves peft as it is, except
+that ``LoraConfig(use_gralora=True)`` then raises a clear error (see ``integration.auto_install``).
+
 Costs microseconds: it imports nothing but ``os`` and ``sys`` (both already loaded) and registers a finder that only
 answers for the module name ``peft``. ``PEFT_GRALORA_DISABLE=1`` turns it off.
 """
@@ -34,9 +37,9 @@ class _LoaderWithInstall:
         module.__loader__ = self._loader
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
-        from peft_gralora.integration import install
+        from peft_gralora.integration import auto_install
 
-        install()
+        auto_install()
 
 
 class PeftImportFinder:
@@ -69,9 +72,9 @@ def register() -> None:
     if disabled():
         return
     if "peft" in sys.modules:
-        from peft_gralora.integration import install
+        from peft_gralora.integration import auto_install
 
-        install()
+        auto_install()
         return
     if not any(isinstance(f, PeftImportFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, PeftImportFinder())

@@ -2,7 +2,7 @@
 
     peft-gralora export-lora SRC DST             GraLoRA adapter -> exactly equivalent plain LoRA adapter
     peft-gralora convert SRC DST --to upstream   LoraConfig(use_gralora=True) adapter -> upstream GraloraConfig
-    peft-gralora convert SRC DST --to variant    upstream GraloraConfig adapter -> LoraConfig(use_gralora=True)
+    peft-gralora convert SRC DST --to variant    upstream GraloraConfig or GraLoRA-fork adapter -> our layout
     peft-gralora info DIR [--json]               what an adapter directory holds
 
 Exit status 0 on success; on failure 1 and a one-line ``peft-gralora: error: ...`` on stderr (2 for usage errors).
@@ -57,14 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="convert between upstream GraloraConfig adapters and LoraConfig(use_gralora=True) adapters",
         description="Convert exactly between an upstream peft GraloraConfig adapter and a "
-        "LoraConfig(use_gralora=True) adapter (upstream r = our r - hybrid_r, upstream alpha = our lora_alpha).",
+        "LoraConfig(use_gralora=True) adapter (upstream r = our r - hybrid_r, upstream alpha = our lora_alpha). "
+        "--to variant also rewrites an adapter saved by the GraLoRA PEFT fork (gralora_A / gralora_B weights) in "
+        "this package's layout.",
     )
     _add_io(convert)
     convert.add_argument(
         "--to",
         required=True,
         choices=("variant", "upstream"),
-        help="variant: upstream -> LoraConfig(use_gralora=True); upstream: LoraConfig(use_gralora=True) -> upstream",
+        help="variant: upstream or fork -> LoraConfig(use_gralora=True); upstream: LoraConfig(use_gralora=True) -> "
+        "upstream",
     )
 
     info = sub.add_parser(

@@ -1,20 +1,23 @@
-"""Adapter-directory conversions: GraLoRA -> exact plain LoRA, and upstream ``GraloraConfig`` <-> this package.
+"""Adapter-directory conversions: GraLoRA -> exact plain LoRA, upstream ``GraloraConfig`` <-> this package, and the
+GraLoRA PEFT fork's layout -> this package.
 
 All functions work on the saved files (``adapter_config.json`` + ``adapter_model.safetensors``); no base model and
-no peft import is needed. Three adapter types are recognised:
+no peft import is needed. Four adapter types are recognised (by the config and, for the fork, by its weight keys):
 
-==================  ========================================================  ======================================
-type                adapter_config.json                                       weights per adapted module
-==================  ========================================================  ======================================
-``gralora``         ``peft_type: LORA``, ``use_gralora: true``                ``lora_A.weight (r, in)``,
+====================  ======================================================  ======================================
+type                  adapter_config.json                                     weights per adapted module
+====================  ======================================================  ======================================
+``gralora``           ``peft_type: LORA``, ``use_gralora: true``              ``lora_A.weight (r, in)``,
                                                                               ``lora_B.weight (out, r)``
                                                                               [, ``lora_B.bias (out,)``,
                                                                               ``lora_magnitude_vector (out,)``]
 ``gralora-upstream``  ``peft_type: GRALORA`` (peft's own ``GraloraConfig``)   ``gralora_A (k, in/k, g)``,
                                                                               ``gralora_B (k, g, out/k)``
                                                                               [, ``gralora_{A,B}_general.weight``]
-``lora``            ``peft_type: LORA``                                       ``lora_A.weight``, ``lora_B.weight``
-==================  ========================================================  ======================================
+``gralora-fork``      ``peft_type: LORA``, ``use_gralora: true`` (the PEFT     upstream's ``gralora_*`` tensors, plus
+                      fork of seed 004)                                       unused ``lora_A`` / ``lora_B`` weights
+``lora``              ``peft_type: LORA``                                     ``lora_A.weight``, ``lora_B.weight``
+====================  ======================================================  ======================================
 
 The math is in :mod:`peft_gralora.functional` (``export_lora_factors``, ``upstream_to_variant``,
 ``variant_to_upstream``); this module reads, checks, renames and writes. Every output is written to a temporary
@@ -29,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,15 @@ from .functional import (
     variant_to_upstream,
 )
 
-__all__ = ["AdapterConversionError", "export_lora", "convert_adapter", "adapter_info"]
+__all__ = [
+    "AdapterConversionError",
+    "export_lora",
+    "convert_adapter",
+    "adapter_info",
+    "has_fork_layout",
+    "fork_to_variant_state_dict",
+    "ForkConversion",
+]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -65,6 +77,10 @@ _UPSTREAM_KEYS = {
     "A_general": ".gralora_A_general.weight",
     "B_general": ".gralora_B_general.weight",
 }
+# the GraLoRA PEFT fork (seed 004) keeps upstream's gralora_* tensors in a LoraConfig(use_gralora=True) adapter, next
+# to lora_A / lora_B weights (and lora_B's bias with lora_bias) that its forward never reads
+_FORK_DEAD_KEYS = {"dead_A": ".lora_A.weight", "dead_B": ".lora_B.weight", "dead_bias": ".lora_B.bias"}
+_FORK_SEGMENT = re.compile(r"(^|\.)gralora_(A|B)(_general)?(\.|$)")
 # a key segment that belongs to an adapter (as opposed to modules_to_save copies and learnable base biases)
 _VARIANT_SEGMENT = re.compile(r"(^|\.)lora_[A-Za-z_]+(\.|$)")
 _UPSTREAM_SEGMENT = re.compile(r"(^|\.)gralora_[A-Za-z_]+(\.|$)")
@@ -118,6 +134,8 @@ class _Adapter:
 
     def __post_init__(self) -> None:
         self.kind = _adapter_kind(self.config, self.path)
+        if self.kind == "gralora" and has_fork_layout(self.tensors):
+            self.kind = "gralora-fork"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -372,28 +390,58 @@ def _upstream_to_variant(adapter: _Adapter) -> tuple[dict[str, Any], dict[str, t
     modules, rest = _split_modules(adapter.tensors, _UPSTREAM_KEYS, _UPSTREAM_SEGMENT, "upstream GraLoRA")
     tensors = dict(rest)
     for name, parts in modules.items():
-        gen_A, gen_B = parts.get("A_general"), parts.get("B_general")
-        A_up, B_up = parts["A"], parts["B"]
-        if (gen_A is None) != (gen_B is None) or (gen_A is not None) != (h > 0):
-            raise AdapterConversionError(
-                f"Module {name!r}: hybrid_r={h} but the hybrid weights present are "
-                f"{[p for p in ('A_general', 'B_general') if p in parts]}."
-            )
-        ok = A_up.dim() == 3 and B_up.dim() == 3 and A_up.shape[0] == k == B_up.shape[0]
-        ok = ok and A_up.shape[2] == r_up == B_up.shape[1]
-        if ok and h:
-            ok = tuple(gen_A.shape) == (h, k * A_up.shape[1]) and tuple(gen_B.shape) == (k * B_up.shape[2], h)
-        if not ok:
-            shapes = {p: tuple(t.shape) for p, t in parts.items()}
-            raise AdapterConversionError(
-                f"Shape mismatch in module {name!r}: {shapes}; with r={r_up}, gralora_k={k}, hybrid_r={h} upstream "
-                "stores gralora_A (k, in/k, r), gralora_B (k, r, out/k), gralora_A_general (hybrid_r, in), "
-                "gralora_B_general (out, hybrid_r)."
-            )
-        weight_A, weight_B = upstream_to_variant(A_up, B_up, gen_A, gen_B)
+        weight_A, weight_B = _gralora_factors_to_variant(name, parts, k, h, r_up, "upstream GraloraConfig")
         tensors[name + _VARIANT_KEYS["A"]] = weight_A
         tensors[name + _VARIANT_KEYS["B"]] = weight_B
     return out, tensors
+
+
+def _gralora_factors_to_variant(
+    name: str, parts: dict[str, torch.Tensor], k: int, h: int, g: int | None, source: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's ``gralora_A (k, in/k, g)``, ``gralora_B (k, g, out/k)`` [, ``gralora_{A,B}_general``] (upstream's
+    layout, also the fork's) checked and reshaped into ``lora_A.weight (g + h, in)``, ``lora_B.weight (out, g + h)``.
+
+    Args:
+        g: the GraLoRA rank the config gives; None to take it from the tensors (the fork's rank_pattern).
+
+    Raises:
+        AdapterConversionError: naming the module, for a missing factor, hybrid weights that do not match
+            ``hybrid_r``, or shapes that do not fit ``k`` / ``hybrid_r``.
+    """
+    missing = [f"gralora_{p}" for p in ("A", "B") if p not in parts]
+    if missing:
+        raise AdapterConversionError(
+            f"Module {name!r} of the {source} adapter has {_part_names(parts)} but lacks {missing}: the adapter is "
+            "incomplete (a damaged or partly edited file); nothing was loaded."
+        )
+    gen_A, gen_B = parts.get("A_general"), parts.get("B_general")
+    if (gen_A is None) != (gen_B is None) or (gen_A is not None) != (h > 0):
+        raise AdapterConversionError(
+            f"Module {name!r} of the {source} adapter: hybrid_r={h} in the config, but its hybrid weights are "
+            f"{[f'gralora_{p}' for p in ('A_general', 'B_general') if p in parts] or 'absent'} (expected both when "
+            "hybrid_r > 0, neither when hybrid_r == 0)."
+        )
+    A_up, B_up = parts["A"], parts["B"]
+    ok = A_up.dim() == 3 and B_up.dim() == 3 and A_up.shape[0] == k == B_up.shape[0]
+    ok = ok and A_up.shape[2] == B_up.shape[1] and A_up.shape[2] % k == 0 and A_up.shape[2] > 0
+    ok = ok and (g is None or A_up.shape[2] == g)
+    if ok and h:
+        ok = tuple(gen_A.shape) == (h, k * A_up.shape[1]) and tuple(gen_B.shape) == (k * B_up.shape[2], h)
+    if not ok:
+        shapes = {f"gralora_{p}": tuple(t.shape) for p, t in parts.items() if p in _UPSTREAM_KEYS}
+        rank = f"r={g}" if g is not None else "g = r - hybrid_r"
+        raise AdapterConversionError(
+            f"Shape mismatch in module {name!r} of the {source} adapter: {shapes}; with {rank}, gralora_k={k}, "
+            f"hybrid_r={h} it must hold gralora_A (k, in/k, g), gralora_B (k, g, out/k) with g divisible by k, "
+            "gralora_A_general (hybrid_r, in), gralora_B_general (out, hybrid_r)."
+        )
+    return upstream_to_variant(A_up, B_up, gen_A, gen_B)
+
+
+def _part_names(parts: dict[str, torch.Tensor]) -> list[str]:
+    names = {**{p: f"gralora_{p}" for p in _UPSTREAM_KEYS}, **{p: s[1:] for p, s in _FORK_DEAD_KEYS.items()}}
+    return sorted(names.get(p, p) for p in parts)
 
 
 def _variant_to_upstream(adapter: _Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -441,10 +489,134 @@ def _variant_to_upstream(adapter: _Adapter) -> tuple[dict[str, Any], dict[str, t
     return out, tensors
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# the GraLoRA PEFT fork's layout -> this package's (state dicts; also used by peft_gralora.integration.loading)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def has_fork_layout(tensors: Iterable[str]) -> bool:
+    """Whether a state dict's keys hold the GraLoRA fork's weights (``<module>.gralora_A`` / ``gralora_B`` /
+    ``gralora_{A,B}_general.weight``). Only meaningful for a ``LoraConfig(use_gralora=True)`` adapter: upstream's
+    ``GraloraConfig`` (``peft_type: GRALORA``) uses the same names for its own tuner."""
+    return any(_FORK_SEGMENT.search(key) for key in tensors)
+
+
+@dataclass
+class ForkConversion:
+    """The result of :func:`fork_to_variant_state_dict`."""
+
+    tensors: dict[str, torch.Tensor]
+    modules: list[str]
+    # modules whose (unused) lora_B bias was non-zero in the fork's file and is loaded as zeros
+    ignored_bias: list[str]
+
+
+def fork_to_variant_state_dict(
+    tensors: dict[str, torch.Tensor],
+    *,
+    gralora_k: int,
+    hybrid_r: int,
+    lora_bias: bool = False,
+    use_dora: bool = False,
+    init_lora_weights: Any = True,
+) -> ForkConversion:
+    """Convert a state dict saved by the GraLoRA PEFT fork into this package's layout, exactly.
+
+    Per adapted module ``<m>`` the fork stores ``<m>.gralora_A (k, in/k, g)`` and ``<m>.gralora_B (k, g, out/k)``
+    (upstream ``GraloraConfig``'s layout, computing the same function) and, with ``hybrid_r > 0``,
+    ``<m>.gralora_{A,B}_general.weight``; next to them ``<m>.lora_A.weight (r, in)`` / ``<m>.lora_B.weight (out, r)``
+    [/ ``<m>.lora_B.bias``] that its forward never reads. The result holds ``<m>.lora_A.weight`` /
+    ``<m>.lora_B.weight`` from the ``gralora_*`` tensors (the pure reshape of
+    :func:`~peft_gralora.functional.upstream_to_variant`), with ``lora_bias`` a zero ``<m>.lora_B.bias`` (the fork's
+    forward adds none), and every other key (modules_to_save copies, base biases) as it was. ``g`` (hence each
+    module's ``r = g + hybrid_r``) is read from the tensors, so a fork ``rank_pattern`` carries over.
+
+    Args:
+        tensors: the saved state dict (keys without adapter names, as peft saves them).
+        gralora_k, hybrid_r, lora_bias, use_dora, init_lora_weights: the adapter config's fields.
+
+    Raises:
+        AdapterConversionError: naming the module, before anything is converted: a module with ``gralora_*`` tensors
+            missing or of the wrong shape, modules in this package's layout next to the fork's (a mixed file), dead
+            weights whose shapes do not match, a non-zero ``lora_B`` although ``init_lora_weights`` zeroed it (the
+            fork never trains it: someone else did, in the same module), unknown ``gralora_*`` keys, or
+            ``use_dora=True`` (the fork ignores DoRA for GraLoRA adapters and saves no magnitude).
+    """
+    if use_dora:
+        raise AdapterConversionError(
+            "This adapter was saved by the GraLoRA PEFT fork with use_dora=True, which that fork ignores for GraLoRA "
+            "adapters (its forward is plain GraLoRA; no DoRA magnitude was saved), while this package would run "
+            'GraLoRA + DoRA. To load what the fork computed, set "use_dora": false in its adapter_config.json.'
+        )
+    suffixes = {**_UPSTREAM_KEYS, **_FORK_DEAD_KEYS}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        for part, suffix in suffixes.items():
+            if key.endswith(suffix):
+                modules.setdefault(key[: -len(suffix)], {})[part] = tensor
+                break
+        else:
+            if _FORK_SEGMENT.search(key) or _VARIANT_SEGMENT.search(key):
+                raise AdapterConversionError(
+                    f"Unsupported weight {key!r} in an adapter saved by the GraLoRA PEFT fork: only "
+                    f"{sorted(suffixes.values())} are understood per module."
+                )
+            rest[key] = tensor
+    ours = sorted(name for name, parts in modules.items() if not parts.keys() & _UPSTREAM_KEYS.keys())
+    if ours:
+        raise AdapterConversionError(
+            f"The adapter mixes layouts: some modules hold the GraLoRA fork's gralora_A / gralora_B weights, but "
+            f"{ours[:3]}{' and more' if len(ours) > 3 else ''} hold only lora_A / lora_B (this package's layout), "
+            "which the fork never writes. It was assembled from different sources; nothing was loaded. Re-save "
+            "each part with the tool that trained it."
+        )
+    out = dict(rest)
+    ignored_bias = []
+    for name, parts in modules.items():
+        weight_A, weight_B = _gralora_factors_to_variant(name, parts, gralora_k, hybrid_r, None, "GraLoRA fork")
+        dead_shapes = {"dead_A": weight_A.shape, "dead_B": weight_B.shape, "dead_bias": weight_B.shape[:1]}
+        for part, expected in dead_shapes.items():
+            if part in parts and parts[part].shape != expected:
+                raise AdapterConversionError(
+                    f"Module {name!r} of the GraLoRA fork adapter: {_FORK_DEAD_KEYS[part][1:]} has shape "
+                    f"{tuple(parts[part].shape)}, but its gralora_* weights give {tuple(expected)}; this is not the "
+                    "fork's layout (mixed or edited file), nothing was loaded."
+                )
+        # the fork zeroes lora_B unless init_lora_weights=False and never trains it (its forward does not read it)
+        if init_lora_weights is not False and "dead_B" in parts and parts["dead_B"].any():
+            raise AdapterConversionError(
+                f"Module {name!r} holds the GraLoRA fork's gralora_* weights and also a non-zero lora_B.weight, "
+                f"which the fork leaves at zero (init_lora_weights={init_lora_weights!r}) and never trains: the "
+                "module mixes the fork's layout with trained LoRA weights of another origin; nothing was loaded."
+            )
+        out[name + _VARIANT_KEYS["A"]] = weight_A
+        out[name + _VARIANT_KEYS["B"]] = weight_B
+        if lora_bias:
+            out[name + _VARIANT_KEYS["bias"]] = weight_B.new_zeros(weight_B.shape[0])
+            if "dead_bias" in parts and parts["dead_bias"].any():
+                ignored_bias.append(name)
+    return ForkConversion(out, sorted(modules), sorted(ignored_bias))
+
+
+def _fork_to_variant(adapter: _Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    cfg = adapter.config
+    result = fork_to_variant_state_dict(
+        adapter.tensors,
+        gralora_k=_int_field(cfg, "gralora_k", 2),
+        hybrid_r=_int_field(cfg, "hybrid_r", 0),
+        lora_bias=bool(cfg.get("lora_bias", False)),
+        use_dora=bool(cfg.get("use_dora", False)),
+        init_lora_weights=cfg.get("init_lora_weights", True),
+    )
+    # the config already is a LoraConfig(use_gralora=True) one, with this package's meaning of every field
+    return dict(cfg), result.tensors
+
+
 def _as_variant(adapter: _Adapter) -> _Adapter:
-    """The adapter as a GraLoRA-variant adapter (converting upstream ones in memory)."""
-    if adapter.kind == "gralora-upstream":
-        config, tensors = _upstream_to_variant(adapter)
+    """The adapter as a GraLoRA-variant adapter (converting upstream and fork ones in memory)."""
+    if adapter.kind in ("gralora-upstream", "gralora-fork"):
+        config, tensors = (_upstream_to_variant if adapter.kind == "gralora-upstream" else _fork_to_variant)(adapter)
         return _Adapter(adapter.path, config, tensors)
     return adapter
 
@@ -548,15 +720,19 @@ def convert_adapter(
     overwrite: bool = False,
     allow_pickle: bool = False,
 ) -> Path:
-    """Convert between upstream peft ``GraloraConfig`` adapters and ``LoraConfig(use_gralora=True)`` adapters.
+    """Convert between upstream peft ``GraloraConfig`` adapters and ``LoraConfig(use_gralora=True)`` adapters, and
+    from the GraLoRA PEFT fork's layout to this package's.
 
     Exact in both directions (a reshape of the weights; upstream's ``r`` is ``r - hybrid_r`` here, its ``alpha`` is
-    ``lora_alpha``, so the scaling is the same); a round trip returns identical tensors.
+    ``lora_alpha``, so the scaling is the same); a round trip returns identical tensors. An adapter saved by the fork
+    (``use_gralora=True`` with ``gralora_A`` / ``gralora_B`` weights) converts ``to="variant"``: its config is kept,
+    its ``gralora_*`` tensors become ``lora_A`` / ``lora_B`` and its unused ``lora_A`` / ``lora_B`` are dropped (see
+    :func:`fork_to_variant_state_dict`).
 
     Args:
         src_dir: the adapter directory to convert.
         dst_dir: where to write; must not exist or be empty unless ``overwrite``.
-        to: ``"variant"`` (upstream -> this package) or ``"upstream"`` (this package -> upstream).
+        to: ``"variant"`` (upstream or fork -> this package) or ``"upstream"`` (this package -> upstream).
         overwrite: replace a non-empty ``dst_dir``.
         allow_pickle: accept an ``adapter_model.bin`` (loaded with ``torch.load(weights_only=True)``).
 
@@ -568,20 +744,24 @@ def convert_adapter(
             target cannot represent (``use_rslora``, ``lora_bias``, per-module ranks for upstream, unknown upstream
             fields), unreadable files or shape mismatches; ``dst_dir`` is left untouched.
     """
-    wanted = {"variant": "gralora-upstream", "upstream": "gralora"}
+    wanted = {"variant": ("gralora-upstream", "gralora-fork"), "upstream": ("gralora",)}
     if to not in wanted:
         raise AdapterConversionError(f"to must be 'variant' or 'upstream', got {to!r}.")
     src, dst = Path(src_dir), Path(dst_dir)
     _check_destination(dst, src, overwrite)
     adapter = _read_adapter(src, allow_pickle)
-    if adapter.kind != wanted[to]:
+    if adapter.kind not in wanted[to]:
         hint = {
             "lora": "it is a plain LoRA adapter: only GraLoRA adapters can be converted",
             "gralora": "it is already a LoraConfig(use_gralora=True) adapter",
             "gralora-upstream": "it is already an upstream GraloraConfig adapter",
+            "gralora-fork": "it was saved by the GraLoRA PEFT fork; convert it with to='variant' first",
         }[adapter.kind]
         raise AdapterConversionError(f"Cannot convert {str(src)!r} to={to!r}: {hint}.")
-    config, tensors = _upstream_to_variant(adapter) if to == "variant" else _variant_to_upstream(adapter)
+    if to == "upstream":
+        config, tensors = _variant_to_upstream(adapter)
+    else:
+        config, tensors = (_upstream_to_variant if adapter.kind == "gralora-upstream" else _fork_to_variant)(adapter)
     _write_adapter(dst, config, tensors)
     return dst
 
@@ -590,13 +770,15 @@ def adapter_info(src_dir: str | os.PathLike, *, allow_pickle: bool = False) -> d
     """What an adapter directory holds.
 
     Returns:
-        A dict with ``type`` (``"gralora"``, ``"gralora-upstream"`` or ``"lora"``), ``peft_type``, ``task_type``,
-        ``base_model_name_or_path``, ``r`` (total rank, this package's convention; ``upstream_r`` for upstream
-        adapters), ``gralora_k``, ``hybrid_r``, ``lora_alpha``, ``use_rslora``, ``modules`` (one dict per adapted
-        module: ``name``, ``in_features``, ``out_features``, ``r``, ``effective_rank``), ``num_modules``,
-        ``adapter_parameters`` (adapter factors and lora_B biases), ``other_parameters`` (modules_to_save copies,
-        learnable base biases), ``parameter_count`` (both), ``effective_rank`` (the largest over modules:
-        ``min(k * (r - hybrid_r) + hybrid_r, in, out)``) and ``plain_lora_rank`` (the largest rank of
+        A dict with ``type`` (``"gralora"``, ``"gralora-upstream"``, ``"gralora-fork"`` or ``"lora"``),
+        ``peft_type``, ``task_type``, ``base_model_name_or_path``, ``r`` (total rank, this package's convention;
+        ``upstream_r`` for upstream adapters), ``gralora_k``, ``hybrid_r``, ``lora_alpha``, ``use_rslora``,
+        ``modules`` (one dict per adapted module: ``name``, ``in_features``, ``out_features``, ``r``,
+        ``effective_rank``), ``num_modules``, ``adapter_parameters`` (adapter factors and lora_B biases; for a fork
+        adapter, what it holds once converted, without the fork's unused ``lora_A`` / ``lora_B``),
+        ``other_parameters`` (modules_to_save copies, learnable base biases), ``parameter_count`` (both),
+        ``effective_rank`` (the largest over modules: ``min(k * (r - hybrid_r) + hybrid_r, in, out)``) and
+        ``plain_lora_rank`` (the largest rank of
         :func:`export_lora`'s output).
     """
     original = _read_adapter(src_dir, allow_pickle)

@@ -70,9 +70,25 @@ patch point                           why
 ``create_riemannian_optimizer``,
 ``create_arrow_model``,
 ``LoraModel.subtract_mutated_init``
+``set_peft_model_state_dict`` in      every peft load path ends here: a state dict saved by the GraLoRA PEFT fork
+every peft module holding it          (``gralora_A`` / ``gralora_B`` keys) is converted exactly to our layout, a
+                                      partial or mixed one refused (:mod:`.loading`)
+``PeftModel.load_adapter``            a refused fork file leaves no half-added adapter behind (peft adds the adapter
+                                      before it reads the weights)
+``PeftAdapterMixin.load_adapter``     transformers 5 loads adapter files without peft: a fork-layout GraLoRA adapter
+(transformers)                        is handed over converted (its ``adapter_state_dict`` argument)
+``peft.tuners.lora.variants``         adds ``GraLoraLinearVariant`` / ``GraLoraDoraLinearVariant`` where peft keeps its
+``.GraLoRa*LinearVariant`` (x2)       LoRA variants (removed by ``uninstall()``)
 ====================================  =================================================================================
 
-Nothing in torch or transformers is rebound. ``install()`` is idempotent; ``uninstall()`` puts back every original
+Outside :data:`SUPPORTED_PEFT` (or if installing fails), the import hook's :func:`auto_install` patches one point
+only, ``LoraConfig.__init__``, so that ``LoraConfig(use_gralora=True)`` (and loading a GraLoRA adapter) raises
+:class:`UnsupportedPeftVersionError` naming the installed peft, the range and the fix; plain LoRA and ``import peft``
+are untouched, and one warning names the range.
+
+Nothing in torch is rebound, and in transformers one method only, ``PeftAdapterMixin.load_adapter`` (its adapter
+loader bypasses peft in transformers 5), which calls transformers' own for everything but fork-layout GraLoRA
+adapters. ``install()`` is idempotent; ``uninstall()`` puts back every original
 object (``is``-identical) and removes what was added.
 """
 
@@ -90,7 +106,9 @@ from . import diffusers as _diffusers
 from . import helpers as _helpers
 from . import hotswap as _hotswap
 from . import layers as _layers
+from . import loading as _loading
 from . import model as _model
+from . import variants as _variants
 from ._targets import peft_targets
 
 __all__ = [
@@ -98,22 +116,57 @@ __all__ = [
     "UnsupportedPeftVersionError",
     "check_peft_version",
     "install",
+    "auto_install",
     "uninstall",
     "is_installed",
     "gralora_installed",
     "patch_table",
 ]
 
-SUPPORTED_PEFT = ">=0.21.0,<0.22"
+SUPPORTED_PEFT = ">=0.20.0,<0.22"
 _MISSING = object()
 _lock = threading.RLock()
 # (owner, attribute) -> the owner's own ``__dict__`` entry before install (_MISSING if it had none)
 _originals: dict[tuple[Any, str], Any] = {}
 _added_fields: list[str] = []
+# True while only the refusal (auto_install outside the supported range) is in place
+_refusing = False
 
 
 class UnsupportedPeftVersionError(ImportError):
     """peft is outside the range this package was written and tested against."""
+
+
+def _unsupported_message(version: str) -> str:
+    return (
+        f"peft-gralora supports peft{SUPPORTED_PEFT}, but peft {version} is installed. Install a supported peft "
+        f"(pip install 'peft{SUPPORTED_PEFT}') or set PEFT_GRALORA_DISABLE=1 to run without GraLoRA."
+    )
+
+
+def _in_supported_range(version: str) -> bool:
+    """``version`` in :data:`SUPPORTED_PEFT` (comma-joined ``>=``/``>``/``<=``/``<``/``==``/``!=`` clauses)."""
+    # packaging.version is already loaded by peft; packaging.specifiers would cost ~30 ms of regex compilation at
+    # every `import peft`
+    import operator
+
+    from packaging.version import InvalidVersion, Version
+
+    ops = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
+    ops.update({">": operator.gt, "<": operator.lt})  # after the two-character ones: matched in this order
+    try:
+        v = Version(version)
+    except InvalidVersion:
+        return False
+    # pre-releases and dev builds are outside (0.22.0.dev0 sorts below 0.22 but is peft's next minor in the making)
+    if v.is_prerelease or v.is_devrelease:
+        return False
+    for clause in SUPPORTED_PEFT.split(","):
+        clause = clause.strip()
+        op = next(o for o in ops if clause.startswith(o))
+        if not ops[op](v, Version(clause[len(op) :])):
+            return False
+    return True
 
 
 def check_peft_version(version: str | None = None) -> str:
@@ -122,19 +175,12 @@ def check_peft_version(version: str | None = None) -> str:
     Raises:
         UnsupportedPeftVersionError: naming the installed version, the supported range and the fix.
     """
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
     if version is None:
         import peft
 
         version = peft.__version__
-    if Version(version) not in SpecifierSet(SUPPORTED_PEFT):
-        raise UnsupportedPeftVersionError(
-            f"peft-gralora supports peft{SUPPORTED_PEFT}, but peft {version} is installed. "
-            f"Install a supported peft (pip install 'peft{SUPPORTED_PEFT}') or set PEFT_GRALORA_DISABLE=1 to run "
-            "without GraLoRA."
-        )
+    if not _in_supported_range(version):
+        raise UnsupportedPeftVersionError(_unsupported_message(version))
     return version
 
 
@@ -147,6 +193,8 @@ def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
         *_hotswap.patches(),
         *_helpers.patches(),
         *_diffusers.patches(),
+        *_loading.patches(),
+        *_variants.patches(),
     ]
 
 
@@ -162,8 +210,8 @@ def _resolve_original(owner: Any, attr: str) -> Any:
 
 
 def is_installed() -> bool:
-    """Whether GraLoRA is currently installed into peft."""
-    return bool(_originals)
+    """Whether GraLoRA is currently installed into peft (the refusal of :func:`auto_install` does not count)."""
+    return bool(_originals) and not _refusing
 
 
 def install() -> None:
@@ -173,9 +221,11 @@ def install() -> None:
         UnsupportedPeftVersionError: outside :data:`SUPPORTED_PEFT`; nothing is patched then.
     """
     with _lock:
-        if _originals:
+        if is_installed():
             return
         check_peft_version()
+        # the refusal of auto_install, if in place: its __init__ must not be taken for peft's own
+        uninstall()
         table = patch_table()
         cfg = peft_targets()["LoraConfig"]
         fields = _config.gralora_fields()
@@ -189,13 +239,25 @@ def install() -> None:
 
 
 def _apply(table: list[tuple[Any, str, Callable[[Any], Any]]]) -> None:
+    """Build every replacement of ``table`` (rows already applied skipped), then set them all."""
     # build every replacement before touching anything: an error here leaves peft as it was
+    seen: set[tuple[int, str]] = set()
     replacements = []
     for owner, attr, make in table:
+        key = (id(owner), attr)
+        if key in seen:
+            # two rows for one attribute: the second would wrap the first and uninstall() would restore the first
+            raise RuntimeError(f"peft-gralora: two patch rows for {getattr(owner, '__name__', owner)}.{attr}")
+        seen.add(key)
         if (owner, attr) in _originals:
             continue
-        current = _resolve_original(owner, attr) if attr not in GRALORA_FIELDS else None
+        added = attr in GRALORA_FIELDS or getattr(make, "adds_attribute", False)
+        current = None if added else _resolve_original(owner, attr)
         replacements.append((owner, attr, make(current)))
+    _set(replacements)
+
+
+def _set(replacements: list[tuple[Any, str, Any]]) -> None:
     for owner, attr, new in replacements:
         _originals[(owner, attr)] = owner.__dict__.get(attr, _MISSING)
         setattr(owner, attr, new)
@@ -208,10 +270,66 @@ def _apply_deferred(table: list[tuple[Any, str, Callable[[Any], Any]]]) -> None:
             _apply(table)
 
 
+def _make_refusing_init(original: Callable, message: str) -> Callable:
+    """``LoraConfig.__init__`` for a peft this package cannot install into: GraLoRA configs raise, plain LoRA runs."""
+    import functools
+    import inspect
+
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        wanted = {name: kwargs.pop(name) for name in GRALORA_FIELDS if name in kwargs}
+        if wanted.get("use_gralora"):
+            raise UnsupportedPeftVersionError(f"LoraConfig(use_gralora=True) is not available: {message}")
+        original(self, *args, **kwargs)
+
+    # peft passes a saved config's keys through this signature: a GraLoRA adapter must reach the error above
+    sig = inspect.signature(original)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in GRALORA_FIELDS]
+    var_kw = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    __init__.__signature__ = sig.replace(parameters=params + extra + var_kw)
+    return __init__
+
+
+def auto_install() -> None:
+    """What the import hook runs when peft is imported: :func:`install`, and never an exception.
+
+    Where installing fails (peft outside :data:`SUPPORTED_PEFT`, or an error while patching), emits one warning naming
+    the supported range and the reason, and patches only ``LoraConfig.__init__`` so that a GraLoRA config raises
+    :class:`UnsupportedPeftVersionError` with the fix instead of being dropped or rejected as an unknown argument.
+    ``import peft`` and plain LoRA keep working.
+    """
+    import warnings
+
+    global _refusing
+    with _lock:
+        try:
+            install()
+            return
+        except Exception as exc:  # whatever went wrong, peft itself must stay importable
+            import peft
+
+            if isinstance(exc, UnsupportedPeftVersionError):
+                message = str(exc)
+            else:
+                message = (
+                    f"installing GraLoRA into peft {peft.__version__} failed ({type(exc).__name__}: {exc}); "
+                    f"{_unsupported_message(peft.__version__)}"
+                )
+            warnings.warn(f"{message} GraLoRA is disabled; plain peft works as usual.", stacklevel=2)
+            if _originals:
+                return
+            cfg = peft_targets()["LoraConfig"]
+            _set([(cfg, "__init__", _make_refusing_init(_resolve_original(cfg, "__init__"), message))])
+            _refusing = True
+
+
 def uninstall() -> None:
     """Restore peft exactly as it was before :func:`install` (a no-op when not installed)."""
+    global _refusing
     with _lock:
         _diffusers.unregister_deferred()
+        _refusing = False
         if not _originals:
             return
         cfg = peft_targets()["LoraConfig"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["peft_targets", "bnb_targets"]
+__all__ = ["peft_targets", "bnb_targets", "adds"]
 
 
 def peft_targets() -> dict[str, Any]:
@@ -31,3 +32,14 @@ def bnb_targets() -> dict[str, type]:
         if is_bnb_4bit_available():
             found["Linear4bit"] = lora_bnb.Linear4bit
     return found
+
+
+def adds(value: Any) -> Callable[[Any], Any]:
+    """``make_replacement`` of a patch row for an attribute the owner does not have: :func:`install` sets ``value``
+    (no original to resolve) and :func:`uninstall` deletes it again."""
+
+    def make(_original: Any) -> Any:
+        return value
+
+    make.adds_attribute = True
+    return make
