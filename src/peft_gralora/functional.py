@@ -31,6 +31,7 @@ __all__ = [
     "GraloraShape",
     "gralora_shape",
     "gralora_forward",
+    "gralora_add_forward",
     "gralora_delta_weight",
     "gralora_add_delta_",
     "gralora_effective_rank",
@@ -123,6 +124,78 @@ def _gralora_composed(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.
     return y
 
 
+def _fused_forward(
+    x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of :class:`_GraloraFunction` (hybrid rows inside the grid's GEMMs): ``y (N, out)`` and the latent
+    ``u (k_i, N, r)`` that backward needs. Writes ``y`` in place through column-block views (eager mode only)."""
+    # x2 (N, in), weight_A (r, in), weight_B (out, r); latent rows [0, g) are the grid's, [g, r) the hybrid's
+    n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
+    a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n): column block j of A
+    z_t = torch.bmm(a_blocks, _blocks(x2, k).transpose(1, 2))  # (k_j, r, n) @ (k_j, n, N) = (k_j, r, N)
+    u = z_t.new_empty(k, n_tok, r)  # (k_i, N, r): [A_i1 x_1; ...; A_ik x_k; A_h x] per output block i
+    # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks
+    u[..., :g].unflatten(-1, (k, s)).copy_(z_t[:, :g].unflatten(1, (k, s)).permute(1, 3, 0, 2))
+    if g < r:
+        u[..., g:].copy_(z_t[:, g:].sum(0).t())  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
+    del z_t  # peak memory: gone before y exists
+    b_t = weight_B.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, r, m): row block i of B, transposed
+    y = u.new_empty(n_tok, weight_B.shape[0])  # (N, out)
+    torch.bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, r) @ (k_i, r, m) -> output block i of y, in place
+    return y, u
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """``t (..., c)`` as rows: ``(t or a 2-D copy, N, row stride, column stride)``, with no op for contiguous ``t``."""
+    if t.is_contiguous():
+        width = t.shape[-1]
+        return t, t.numel() // width, width, 1
+    t2 = t.reshape(-1, t.shape[-1])
+    return (t2, t2.shape[0], *t2.stride())
+
+
+def _grid_no_grad(
+    x: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    k: int,
+    result: torch.Tensor | None = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """Inference kernel for adapters without hybrid branch: ``result + scaling * y``, or ``y`` alone, ``(..., out)``.
+
+    ``x`` is ``(..., in)`` and ``result`` has the same leading dims. No autograd and the fewest dispatched ops (a
+    decode step is all framework overhead): every block view is one ``as_strided`` built from the operands' own
+    strides (any layout), two batched GEMMs with the ``r``-sized side first, one copy of the ``k r``-per-token latent,
+    and the scaled add of ``result`` done by the second GEMM.
+    """
+    out_features, g = weight_B.shape
+    out_shape = (*x.shape[:-1], out_features)
+    x, n_tok, xr, xc = _rows(x)
+    n, m, s = weight_A.shape[1] // k, out_features // k, g // k
+    ar, ac = weight_A.stride()
+    br, bc = weight_B.stride()
+    x_t = x.as_strided((k, n, n_tok), (n * xc, xc, xr))  # (k_j, n, N): x_j^T
+    a_b = weight_A.as_strided((k, g, n), (n * ac, ar, ac))  # (k_j, g, n): [A_1j; ...; A_kj]
+    z_t = torch.bmm(a_b, x_t)  # (k_j, (i, t), N), contiguous
+    # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks (the one copy)
+    u = z_t.as_strided((k, n_tok, k, s), (s * n_tok, 1, g * n_tok, n_tok)).reshape(k, n_tok, g)  # (k_i, N, g)
+    b_t = weight_B.as_strided((k, g, m), (m * br, bc, br))  # (k_i, g, m): [B_i1 ... B_ik]^T
+    if result is None:  # y alone (scaling is not applied)
+        if n_tok == 1:  # (k_i, 1, m) is laid out as (1, out): no transpose needed
+            return torch.bmm(u, b_t).view(out_shape)
+        y = u.new_empty(out_shape)
+        torch.bmm(u, b_t, out=y.view(n_tok, k, m).transpose(0, 1))  # (k_i, N, m): output block i, in place
+        return y
+    result, _, rr, rc = _rows(result)
+    r_b = result.as_strided((k, n_tok, m), (m * rc, rr, rc))  # (k_i, N, m): output block i of result
+    if n_tok == 1:
+        return torch.baddbmm(r_b, u, b_t, alpha=scaling).view(out_shape)
+    y = u.new_empty(out_shape)
+    torch.baddbmm(r_b, u, b_t, alpha=scaling, out=y.view(n_tok, k, m).transpose(0, 1))  # result + scaling * u b_t
+    return y
+
+
 class _GraloraFunction(torch.autograd.Function):
     """The whole adapter ``y_i = sum_j B_ij A_ij x_j + [B_h A_h x]_i`` on 2-D operands, with a hand-written backward.
 
@@ -144,19 +217,7 @@ class _GraloraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int) -> torch.Tensor:
-        # x2 (N, in), weight_A (r, in), weight_B (out, r); latent rows [0, g) are the grid's, [g, r) the hybrid's
-        n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
-        a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n): column block j of A
-        z_t = torch.bmm(a_blocks, _blocks(x2, k).transpose(1, 2))  # (k_j, r, n) @ (k_j, n, N) = (k_j, r, N)
-        u = z_t.new_empty(k, n_tok, r)  # (k_i, N, r): [A_i1 x_1; ...; A_ik x_k; A_h x] per output block i
-        # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks
-        u[..., :g].unflatten(-1, (k, s)).copy_(z_t[:, :g].unflatten(1, (k, s)).permute(1, 3, 0, 2))
-        if g < r:
-            u[..., g:].copy_(z_t[:, g:].sum(0).t())  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
-        del z_t  # peak memory: gone before y exists
-        b_t = weight_B.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, r, m): row block i of B, transposed
-        y = u.new_empty(n_tok, weight_B.shape[0])  # (N, out)
-        torch.bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, r) @ (k_i, r, m) -> output block i of y, in place
+        y, u = _fused_forward(x2, weight_A, weight_B, k, g)
         ctx.save_for_backward(x2, weight_A, weight_B, u)
         ctx.k, ctx.g = k, g
         return y
@@ -196,6 +257,51 @@ class _GraloraFunction(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None
 
 
+_RANKS: dict[tuple, int] = {}  # (shape_A, shape_B, k, hybrid_r) -> g, for shapes already validated
+
+
+def _checked_rank(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid_r: int) -> int:
+    """:func:`gralora_shape`'s check and ``g``, computed once per distinct shape: it depends on nothing else."""
+    if torch.compiler.is_compiling():  # traced once into the graph's guards: free at run time
+        return gralora_shape(weight_A, weight_B, k, hybrid_r).g
+    key = (weight_A.shape, weight_B.shape, k, hybrid_r)
+    g = _RANKS.get(key)
+    if g is None:
+        g = gralora_shape(weight_A, weight_B, k, hybrid_r).g  # raises for invalid adapters: never cached
+        if len(_RANKS) >= 4096:
+            _RANKS.clear()
+        _RANKS[key] = g
+    return g
+
+
+def _any_requires_grad(*tensors: torch.Tensor) -> bool:
+    return any(t.requires_grad for t in tensors)
+
+
+# one call for every device type (torch.is_autocast_enabled(device_type) builds a device object per call)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _needs_plain_ops(x2: torch.Tensor) -> bool:
+    """While torch.compile traces (so it sees, and inductor fuses, ordinary ops) and under autocast (whose casts
+    out= and in-place writes would escape), the adapter is computed by :func:`_gralora_composed`."""
+    if torch.compiler.is_compiling():
+        return True
+    return _any_autocast() if _any_autocast is not None else torch.is_autocast_enabled(x2.device.type)
+
+
+def _adapter_2d(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int) -> torch.Tensor:
+    """``(N, in) -> (N, out)``, choosing the implementation: plain ops (compile / autocast), the autograd function
+    (a gradient is needed), or the inference kernels (no autograd at all)."""
+    if _needs_plain_ops(x2):
+        return _gralora_composed(x2, weight_A, weight_B, k, g)
+    if torch.is_grad_enabled() and _any_requires_grad(x2, weight_A, weight_B):
+        return _GraloraFunction.apply(x2, weight_A, weight_B, k, g)
+    if g == weight_A.shape[0]:
+        return _grid_no_grad(x2, weight_A, weight_B, k)
+    return _fused_forward(x2, weight_A, weight_B, k, g)[0]
+
+
 def gralora_forward(
     x: torch.Tensor,
     weight_A: torch.Tensor,
@@ -206,7 +312,10 @@ def gralora_forward(
 ) -> torch.Tensor:
     """The adapter's output ``sum_j B_ij A_ij x_j + [B_h A_h x]_i (+ bias_B)``, without scaling.
 
-    Two batched matmuls and one regrouping of the latent: FLOPs equal those of a rank-``r`` LoRA.
+    Two batched matmuls and one regrouping of the latent: FLOPs equal those of a rank-``r`` LoRA. With a gradient
+    needed it runs as one autograd function with a hand-written backward; without (``no_grad``, ``inference_mode``,
+    frozen weights and input) as plain kernels with no autograd at all; under ``torch.compile`` and autocast as
+    ordinary differentiable ops.
 
     Args:
         x: input of shape ``(..., in)``.
@@ -218,19 +327,53 @@ def gralora_forward(
 
     Returns:
         Tensor of shape ``(..., out)``.
+
+    Raises:
+        ValueError: if the factors do not form a valid GraLoRA adapter (see :func:`gralora_shape`).
     """
-    shp = gralora_shape(weight_A, weight_B, k, hybrid_r)
-    g = shp.g
+    g = _checked_rank(weight_A, weight_B, k, hybrid_r)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, shp.in_features)  # (N, in): a view whenever the leading dims of x merge
-    if torch.is_autocast_enabled(x.device.type):
-        # composed ops follow autocast's casts (out= and in-place writes would not): y is half, the weights float
-        y = _gralora_composed(x2, weight_A, weight_B, k, g)  # (N, out)
-    else:
-        y = _GraloraFunction.apply(x2, weight_A, weight_B, k, g)  # (N, out)
+    x2 = x.reshape(-1, weight_A.shape[1])  # (N, in): a view whenever the leading dims of x merge
+    y = _adapter_2d(x2, weight_A, weight_B, k, g)  # (N, out)
     if bias_B is not None:
         y = y + bias_B
-    return y.view(*lead, shp.out_features)  # (..., out)
+    return y.view(*lead, weight_B.shape[0])  # (..., out)
+
+
+def gralora_add_forward(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    k: int,
+    hybrid_r: int,
+    scaling: float,
+    bias_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``result + scaling * gralora_forward(x, ...)``: a layer's output with the adapter added, as a new tensor.
+
+    The hot path of an unmerged adapter. Without a gradient, without hybrid branch or bias and with one dtype
+    throughout, the scaled add is done by the second GEMM (no ``(N, out)`` temporaries at all).
+
+    Args:
+        result: ``(..., out)``, the base layer's output for ``x``.
+        x: ``(..., in)``.
+        scaling: the adapter's scale (``lora_alpha / r``).
+
+    Returns:
+        Tensor of shape ``(..., out)``.
+    """
+    g = _checked_rank(weight_A, weight_B, k, hybrid_r)
+    if (
+        not (torch.is_grad_enabled() and _any_requires_grad(result, x, weight_A, weight_B))
+        and g == weight_A.shape[0]
+        and bias_B is None
+        and not _needs_plain_ops(x)
+        and result.dtype == x.dtype == weight_A.dtype == weight_B.dtype
+        and result.shape[:-1] == x.shape[:-1]
+    ):
+        return _grid_no_grad(x, weight_A, weight_B, k, result, scaling)  # (..., out)
+    return result + gralora_forward(x, weight_A, weight_B, k, hybrid_r, bias_B) * scaling
 
 
 def gralora_delta_weight(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid_r: int) -> torch.Tensor:
