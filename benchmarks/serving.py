@@ -1,5 +1,6 @@
-"""Serving and compiled training: unmerged decode (plain and mixed-batch ``adapter_names``), prefill, the eager and the
-``torch.compile``d training step, compile time and graph breaks, for LoRA, this GraLoRA and upstream's ``GraloraConfig``.
+"""Serving and compiled training: unmerged decode (plain and mixed-batch ``adapter_names``), prefill, the eager and
+the ``torch.compile``d training step, compile time and graph breaks, for LoRA, this GraLoRA and upstream's
+``GraloraConfig``.
 
     python -m benchmarks.serving                                  # CPU, fp32, 1 thread (the committed results)
     python -m benchmarks.serving --device cuda --dtype bfloat16   # the same on a GPU
@@ -164,8 +165,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"# Serving and compiled training ({payload['device']}, {payload['dtype']})",
         "",
         f"torch {env['torch']}, peft {env['peft']}, transformers {env['transformers']}, {env['cpu_count']} CPU cores, "
-        f"{env['torch_threads']} torch threads, {env['clock']} clock, load average at start {env['loadavg_at_start']}, "
-        f"{env['time_utc']}",
+        f"{env['torch_threads']} torch threads, {env['clock']} clock, load average at start "
+        f"{env['loadavg_at_start']}, {env['time_utc']}",
         "",
         f"Llama hidden 512 / 4 layers / MLP 1536, every Linear adapted at r={payload['r']} (GraLoRA k={payload['k']}),"
         f" random non-zero adapter weights; {payload['rounds']} interleaved rounds, medians of per-round ratios.",
@@ -244,9 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = DTYPES[args.dtype]
     base = llama(args.device, dtype)
     out_dir = Path(args.out)
-    payload: dict[str, Any] = dict(
-        device=args.device, dtype=args.dtype, r=args.r, k=args.k, rounds=args.rounds, environment=environment(args.threads)
-    )
+    payload: dict[str, Any] = dict(device=args.device, dtype=args.dtype, r=args.r, k=args.k, rounds=args.rounds)
+    payload["environment"] = environment(args.threads)
     payload["results"] = results = {}
     everything = ["lora", "gralora", "upstream"]
     for part in parts:
