@@ -139,23 +139,72 @@ def graph_breaks(base, method: str, r: int, k: int, device: str) -> dict[str, in
     return out
 
 
-def bench_compiled(base, methods: list[str], r: int, k: int, rounds: int, device: str) -> dict[str, Any]:
-    """Compile time (first step: dynamo + inductor, forward and backward), then the compiled step's time."""
+def compile_child(method: str, r: int, k: int, device: str, dtype: str, threads: int) -> dict[str, Any]:
+    """In this (fresh) process, with an empty inductor cache: seconds of the first compiled training step (cold:
+    dynamo, AOT autograd, inductor and its C++ compiler), then after ``torch._dynamo.reset()`` of the first step of a
+    new compile (warm: inductor's caches hit), and the graph breaks."""
+    import torch._dynamo
+
+    torch.set_num_threads(threads)
+    base = llama(device, DTYPES[dtype])
+    out: dict[str, Any] = {}
+    for state in ("cold", "warm"):
+        torch._dynamo.reset()
+        step = _step_fns(base, [method], r, k, device, compiled=True)[method]
+        t0 = time.perf_counter()
+        step()
+        out[f"{state}_s"] = time.perf_counter() - t0
+    out.update(graph_breaks(base, method, r, k, device))
+    return out
+
+
+def compile_times(methods: list[str], r: int, k: int, device: str, dtype: str, threads: int) -> dict[str, Any]:
+    """:func:`compile_child` for each method, each in its own interpreter and inductor cache folder (no method
+    profits from kernels another one compiled)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    out = {}
+    for m in methods:
+        with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+            code = (
+                "import json; from benchmarks.serving import compile_child; "
+                f"print('COMPILE=' + json.dumps(compile_child({m!r}, {r}, {k}, {device!r}, {dtype!r}, {threads})))"
+            )
+            proc = subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=Path(__file__).resolve().parent.parent,
+                check=True,
+            )
+        out[m] = json.loads([x for x in proc.stdout.splitlines() if x.startswith("COMPILE=")][-1][8:])
+    return out
+
+
+def bench_compiled(
+    base, methods: list[str], r: int, k: int, rounds: int, device: str, dtype: str, threads: int
+) -> dict[str, Any]:
+    """The compiled training step's time (interleaved), then compile times and graph breaks (fresh processes)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     fns = _step_fns(base, methods, r, k, device, compiled=True)
-    compile_s = {}
-    for m in methods:  # first call compiles; the second is the first at steady state (recompiles would show here)
-        t0 = time.perf_counter()
+    for m in methods:  # compile, then one step at steady state (recompiles would show here)
         fns[m]()
-        compile_s[m] = time.perf_counter() - t0
         fns[m]()
     res = summarize(interleaved_times(fns, rounds, warmup=0))
-    res["compile_s"] = compile_s
-    res["compile gralora/lora"] = compile_s["gralora"] / compile_s["lora"]
-    res["graph_breaks"] = {m: graph_breaks(base, m, r, k, device) for m in methods}
+    res["compile"] = compile_times(methods, r, k, device, dtype, threads)
+    for state in ("cold", "warm"):
+        res[f"compile {state} gralora/lora"] = (
+            res["compile"]["gralora"][f"{state}_s"] / res["compile"]["lora"][f"{state}_s"]
+        )
     return res
 
 
@@ -199,20 +248,24 @@ def markdown(payload: dict[str, Any]) -> str:
         )
     comp = payload["results"].get("compiled")
     if comp:
-        cs = comp["compile_s"]
+        cs = comp["compile"]
         lines += [
             "",
-            "Compile time (first compiled step: dynamo + inductor, forward and backward), graph breaks of a training "
-            "and an inference forward (`torch._dynamo.explain`):",
+            "Compile time = the first compiled training step (dynamo, AOT autograd, inductor; forward and backward), "
+            "each "
+            "method in a fresh process with an empty inductor cache (cold), then recompiled after "
+            "`torch._dynamo.reset()` in that process (warm caches). Graph breaks of a training and an inference "
+            "forward (`torch._dynamo.explain`):",
             "",
-            "| method | compile s | vs LoRA | train graphs / breaks | inference graphs / breaks |",
-            "|---|---|---|---|---|",
+            "| method | cold compile s | vs LoRA | warm compile s | vs LoRA | train graphs / breaks | "
+            "inference graphs / breaks |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for m, s in cs.items():
-            gb = comp["graph_breaks"][m]
+        for m, c in cs.items():
             lines.append(
-                f"| {m} | {s:.1f} | {s / cs['lora']:.2f} | {gb['train graphs']} / {gb['train breaks']} | "
-                f"{gb['infer graphs']} / {gb['infer breaks']} |"
+                f"| {m} | {c['cold_s']:.1f} | {c['cold_s'] / cs['lora']['cold_s']:.2f} | {c['warm_s']:.1f} | "
+                f"{c['warm_s'] / cs['lora']['warm_s']:.2f} | {c['train graphs']} / {c['train breaks']} | "
+                f"{c['infer graphs']} / {c['infer breaks']} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -259,7 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif part == "step":
             results[part] = bench_step(base, everything, args.r, args.k, args.rounds, args.device)
         else:
-            results[part] = bench_compiled(base, everything, args.r, args.k, args.rounds, args.device)
+            results[part] = bench_compiled(
+                base, everything, args.r, args.k, args.rounds, args.device, args.dtype, args.threads
+            )
         short = {key: round(v, 3) for key, v in results[part].items() if isinstance(v, float)}
         print(f"[serving] {part}: {json.dumps(short)} ({time.perf_counter() - t0:.0f}s)", flush=True)
         _write_json(f"serving{args.tag}", payload, out_dir)  # after every part: a cut-short run keeps what it has
