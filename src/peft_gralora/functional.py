@@ -170,9 +170,13 @@ def _grid_no_grad(
     and the scaled add of ``result`` done by the second GEMM.
     """
     out_features, g = weight_B.shape
+    in_features = weight_A.shape[1]
     out_shape = (*x.shape[:-1], out_features)
-    x, n_tok, xr, xc = _rows(x)
-    n, m, s = weight_A.shape[1] // k, out_features // k, g // k
+    if x.is_contiguous():  # the common case, without a call
+        n_tok, xr, xc = x.numel() // in_features, in_features, 1
+    else:
+        x, n_tok, xr, xc = _rows(x)
+    n, m, s = in_features // k, out_features // k, g // k
     ar, ac = weight_A.stride()
     br, bc = weight_B.stride()
     x_t = x.as_strided((k, n, n_tok), (n * xc, xc, xr))  # (k_j, n, N): x_j^T
@@ -187,7 +191,10 @@ def _grid_no_grad(
         y = u.new_empty(out_shape)
         torch.bmm(u, b_t, out=y.view(n_tok, k, m).transpose(0, 1))  # (k_i, N, m): output block i, in place
         return y
-    result, _, rr, rc = _rows(result)
+    if result.is_contiguous():
+        rr, rc = out_features, 1
+    else:
+        result, _, rr, rc = _rows(result)
     r_b = result.as_strided((k, n_tok, m), (m * rc, rr, rc))  # (k_i, N, m): output block i of result
     if n_tok == 1:
         return torch.baddbmm(r_b, u, b_t, alpha=scaling).view(out_shape)

@@ -156,6 +156,8 @@ class GraLoraLinearVariant:
         if not _is_no_op(dropout):  # a module call costs as much as a GEMM at one token
             x = dropout(x)
         x = module._cast_input_dtype(x, weight_A.dtype)
+        # lora_B has a bias exactly when lora_bias is set (peft's merge relies on the same flag); skip the lookup
+        bias = module.lora_B[active_adapter].bias if module.lora_bias[active_adapter] else None
         return gralora_add_forward(
             result,
             x,
@@ -164,5 +166,5 @@ class GraLoraLinearVariant:
             module.gralora_k[active_adapter],
             module.hybrid_r[active_adapter],
             module.scaling[active_adapter],
-            module.lora_B[active_adapter].bias,
+            bias,
         )
