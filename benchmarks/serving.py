@@ -24,7 +24,16 @@ from typing import Any
 
 import torch
 
-from .common import RESULTS_DIR, environment, interleaved_times, peft_config, randomize_adapters, set_clock, summarize
+from .common import (
+    RESULTS_DIR,
+    environment,
+    interleaved_times,
+    peft_config,
+    randomize_adapters,
+    set_clock,
+    summarize,
+    sync,
+)
 from .common import write_json as _write_json
 
 PARTS = ("decode", "mixed", "prefill", "step", "compiled")
@@ -59,11 +68,6 @@ def adapted(base, method: str, r: int, k: int, extra_adapter: bool = False):
     return model
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def bench_decode(base, methods: list[str], r: int, k: int, rounds: int, device: str, mixed: bool = False):
     """Unmerged greedy generation of ``NEW_TOKENS`` tokens; ``mixed``: 3 rows, adapters default / other / base."""
     models = {m: adapted(base, m, r, k, extra_adapter=mixed).eval() for m in methods}
@@ -78,7 +82,7 @@ def bench_decode(base, methods: list[str], r: int, k: int, rounds: int, device: 
     def run(m: str) -> None:
         with torch.inference_mode():
             outputs[m] = models[m].generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        _sync(device)
+        sync(device)
 
     res = summarize(interleaved_times({m: (lambda m=m: run(m)) for m in methods}, rounds))
     res["new_tokens"] = int(outputs[methods[0]].shape[1] - PROMPT)
@@ -93,7 +97,7 @@ def bench_prefill(base, methods: list[str], r: int, k: int, rounds: int, device:
     def run(m: str) -> None:
         with torch.inference_mode():
             models[m](input_ids=ids, use_cache=True)
-        _sync(device)
+        sync(device)
 
     return summarize(interleaved_times({m: (lambda m=m: run(m)) for m in methods}, rounds))
 
@@ -112,7 +116,7 @@ def _step_fns(base, methods: list[str], r: int, k: int, device: str, compiled: b
             opt.zero_grad(set_to_none=True)
             forward(input_ids=ids, labels=ids).loss.backward()
             opt.step()
-            _sync(device)
+            sync(device)
 
         fns[m] = step
     return fns

@@ -153,3 +153,18 @@ def test_add_forward_falls_back_where_the_fused_add_cannot_apply():
         torch.testing.assert_close(y, other_dtype.double() + 3.0 * expected, **TOL)
         row = torch.randn(1, 4, dtype=torch.float64)
         torch.testing.assert_close(gralora_add_forward(row, x, weight_A, weight_B, 2, 0, 3.0), row + 3.0 * expected)
+
+
+@pytest.mark.parametrize("h", [0, 2])
+def test_custom_ops_pass_torch_opcheck(h):
+    """The ops torch.compile traces: fake (meta) rules match the real outputs, autograd registration is sound."""
+    (x, weight_A, weight_B, _), _ = _inputs(2, 2, h, 3, 2, [5], ("contiguous",) * 4)
+    g = weight_A.shape[0] - h
+    x2, weight_A, weight_B = (t.requires_grad_(True) for t in (x, weight_A, weight_B))
+    torch.library.opcheck(functional._fused_forward_op, (x2, weight_A, weight_B, 2, g))
+    y, u = functional._fused_forward_op(x2, weight_A, weight_B, 2, g)
+    torch.testing.assert_close(y, dense_output(x, weight_A, weight_B, 2, h), **TOL)
+    grad_y = torch.randn_like(y)
+    for needs in ((True, True, True), (False, True, False)):
+        args = (grad_y, x2.detach(), weight_A.detach(), weight_B.detach(), u.detach(), 2, g, *needs)
+        torch.library.opcheck(functional._fused_backward_op, args)

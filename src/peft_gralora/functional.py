@@ -239,29 +239,103 @@ class _GraloraFunction(torch.autograd.Function):
             y = _gralora_composed(x2, weight_A, weight_B, k, g)
             grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
             return (*(next(grads) if need else None for need in needs), None, None)
-        need_x, need_a, need_b = needs
-        n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
-        g_blocks = _blocks(grad_y, k)  # (k_i, N, m)
-        grad_x = grad_A = grad_B = None
-        if need_b:
-            grad_b_t = torch.bmm(u.transpose(1, 2), g_blocks)  # (k_i, r, N) @ (k_i, N, m) = (k_i, r, m)
-            grad_B = grad_b_t.transpose(1, 2).reshape(weight_B.shape)  # (k_i, m, r) = (out, r): B's size
-        if need_x or need_a:
-            b_blocks = weight_B.unflatten(0, (k, -1))  # (k_i, m, r)
-            grad_u_t = torch.bmm(b_blocks.transpose(1, 2), g_blocks.transpose(1, 2))  # (k_i, r, m) @ (k_i, m, N)
-            grad_z_t = grad_u_t.new_empty(k, r, n_tok)  # (k_j, r, N): gradient of z_t
-            grad_z_t[:, :g].unflatten(1, (k, s)).copy_(grad_u_t[:, :g].unflatten(1, (k, s)).transpose(0, 1))
-            if g < r:
-                grad_z_t[:, g:].copy_(grad_u_t[:, g:].sum(0))  # (h, N): every block j gets the whole hybrid grad
-            del grad_u_t  # peak memory: gone before grad x exists
-            if need_a:
-                grad_a = torch.bmm(grad_z_t, _blocks(x2, k))  # (k_j, r, N) @ (k_j, N, n) = (k_j, r, n)
-                grad_A = grad_a.transpose(0, 1).reshape(weight_A.shape)  # (r, k_j, n) = (r, in): A's size
-            if need_x:
-                a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n)
-                grad_x = grad_z_t.new_empty(x2.shape)  # (N, in)
-                torch.bmm(grad_z_t.transpose(1, 2), a_blocks, out=_blocks(grad_x, k))  # (k_j, N, r) @ (k_j, r, n)
-        return grad_x, grad_A, grad_B, None, None
+        return (*_fused_backward(grad_y, x2, weight_A, weight_B, u, k, g, *needs), None, None)
+
+
+def _fused_backward(
+    grad_y: torch.Tensor,
+    x2: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    u: torch.Tensor,
+    k: int,
+    g: int,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward of :class:`_GraloraFunction`: ``grad x (N, in)``, ``grad weight_A (r, in)``, ``grad weight_B
+    (out, r)`` from ``grad y (N, out)`` and the saved latent ``u (k_i, N, r)``; None where not needed."""
+    n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
+    g_blocks = _blocks(grad_y, k)  # (k_i, N, m)
+    grad_x = grad_A = grad_B = None
+    if need_b:
+        grad_b_t = torch.bmm(u.transpose(1, 2), g_blocks)  # (k_i, r, N) @ (k_i, N, m) = (k_i, r, m)
+        grad_B = grad_b_t.transpose(1, 2).reshape(weight_B.shape)  # (k_i, m, r) = (out, r): B's size
+    if need_x or need_a:
+        b_blocks = weight_B.unflatten(0, (k, -1))  # (k_i, m, r)
+        grad_u_t = torch.bmm(b_blocks.transpose(1, 2), g_blocks.transpose(1, 2))  # (k_i, r, m) @ (k_i, m, N)
+        grad_z_t = grad_u_t.new_empty(k, r, n_tok)  # (k_j, r, N): gradient of z_t
+        grad_z_t[:, :g].unflatten(1, (k, s)).copy_(grad_u_t[:, :g].unflatten(1, (k, s)).transpose(0, 1))
+        if g < r:
+            grad_z_t[:, g:].copy_(grad_u_t[:, g:].sum(0))  # (h, N): every block j gets the whole hybrid grad
+        del grad_u_t  # peak memory: gone before grad x exists
+        if need_a:
+            grad_a = torch.bmm(grad_z_t, _blocks(x2, k))  # (k_j, r, N) @ (k_j, N, n) = (k_j, r, n)
+            grad_A = grad_a.transpose(0, 1).reshape(weight_A.shape)  # (r, k_j, n) = (r, in): A's size
+        if need_x:
+            a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n)
+            grad_x = grad_z_t.new_empty(x2.shape)  # (N, in)
+            torch.bmm(grad_z_t.transpose(1, 2), a_blocks, out=_blocks(grad_x, k))  # (k_j, N, r) @ (k_j, r, n)
+    return grad_x, grad_A, grad_B
+
+
+# Under torch.compile the fused kernels run as custom ops: dynamo traces them as one node each (no graph break at
+# their out= writes), inductor generates no code for the adapter's internals (compile time stays near LoRA's), and
+# compiled numbers are the eager kernels' numbers. Their fake (meta) rules give the real outputs' shapes and strides.
+@torch.library.custom_op("peft_gralora::fused_forward", mutates_args=())
+def _fused_forward_op(
+    x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_forward(x2, weight_A, weight_B, k, g)
+
+
+@_fused_forward_op.register_fake
+def _fused_forward_fake(x2, weight_A, weight_B, k, g):
+    n_tok = x2.shape[0]
+    return x2.new_empty(n_tok, weight_B.shape[0]), x2.new_empty(k, n_tok, weight_A.shape[0])  # y, u
+
+
+@torch.library.custom_op("peft_gralora::fused_backward", mutates_args=())
+def _fused_backward_op(
+    grad_y: torch.Tensor,
+    x2: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    u: torch.Tensor,
+    k: int,
+    g: int,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _fused_backward(grad_y.contiguous(), x2, weight_A, weight_B, u, k, g, need_x, need_a, need_b)
+    # a custom op returns tensors: a gradient not asked for is an empty one (each its own: outputs may not alias)
+    return tuple(grad if grad is not None else grad_y.new_empty(0) for grad in grads)
+
+
+@_fused_backward_op.register_fake
+def _fused_backward_fake(grad_y, x2, weight_A, weight_B, u, k, g, need_x, need_a, need_b):
+    return tuple(
+        t.new_empty(t.shape) if need else grad_y.new_empty(0)
+        for t, need in ((x2, need_x), (weight_A, need_a), (weight_B, need_b))
+    )
+
+
+def _fused_op_setup_context(ctx, inputs, output) -> None:
+    x2, weight_A, weight_B, k, g = inputs
+    ctx.save_for_backward(x2, weight_A, weight_B, output[1])
+    ctx.k, ctx.g = k, g
+
+
+def _fused_op_backward(ctx, grad_y, grad_u):
+    x2, weight_A, weight_B, u = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    grads = _fused_backward_op(grad_y, x2, weight_A, weight_B, u, ctx.k, ctx.g, *needs)
+    return (*(grad if need else None for grad, need in zip(grads, needs, strict=True)), None, None)
+
+
+_fused_forward_op.register_autograd(_fused_op_backward, setup_context=_fused_op_setup_context)
 
 
 _RANKS: dict[tuple, int] = {}  # (shape_A, shape_B, k, hybrid_r) -> g, for shapes already validated
@@ -290,16 +364,19 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
 def _needs_plain_ops(x2: torch.Tensor) -> bool:
-    """While torch.compile traces (so it sees, and inductor fuses, ordinary ops) and under autocast (whose casts
-    out= and in-place writes would escape), the adapter is computed by :func:`_gralora_composed`."""
-    if torch.compiler.is_compiling():
-        return True
-    return _any_autocast() if _any_autocast is not None else torch.is_autocast_enabled(x2.device.type)
+    """Eager mode under autocast: its casts would escape out= and in-place writes, so :func:`_gralora_composed`."""
+    if _any_autocast is None:
+        return torch.is_autocast_enabled(x2.device.type)
+    return _any_autocast()
 
 
 def _adapter_2d(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int) -> torch.Tensor:
-    """``(N, in) -> (N, out)``, choosing the implementation: plain ops (compile / autocast), the autograd function
-    (a gradient is needed), or the inference kernels (no autograd at all)."""
+    """``(N, in) -> (N, out)``, choosing the implementation: plain ops (autocast), the custom op (torch.compile),
+    the autograd function (a gradient is needed), or the inference kernels (no autograd at all)."""
+    if torch.compiler.is_compiling():
+        if torch.is_autocast_enabled(x2.device.type):
+            return _gralora_composed(x2, weight_A, weight_B, k, g)
+        return _fused_forward_op(x2, weight_A, weight_B, k, g)[0]
     if _needs_plain_ops(x2):
         return _gralora_composed(x2, weight_A, weight_B, k, g)
     if torch.is_grad_enabled() and _any_requires_grad(x2, weight_A, weight_B):
@@ -375,6 +452,7 @@ def gralora_add_forward(
         not (torch.is_grad_enabled() and _any_requires_grad(result, x, weight_A, weight_B))
         and g == weight_A.shape[0]
         and bias_B is None
+        and not torch.compiler.is_compiling()
         and not _needs_plain_ops(x)
         and result.dtype == x.dtype == weight_A.dtype == weight_B.dtype
         and result.shape[:-1] == x.shape[:-1]
