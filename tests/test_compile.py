@@ -117,3 +117,42 @@ def test_inductor_compiles_gralora_training():
     torch.testing.assert_close(out, eager, **TOL)
     for name, grad in _trainable_grads(model).items():
         torch.testing.assert_close(grad, eager_grads[name], **TOL, msg=name)
+
+
+def _dense(weight_A, weight_B, k: int = 2, h: int = 2):
+    """delta W (out, in), differentiable, written loop by loop from the block formula (block (i, j) = B_ij A_ij)."""
+    g = weight_A.shape[0] - h
+    s, n, m = g // k, weight_A.shape[1] // k, weight_B.shape[0] // k
+    rows = [
+        torch.cat(
+            [
+                weight_B[i * m : (i + 1) * m, j * s : (j + 1) * s] @ weight_A[i * s : (i + 1) * s, j * n : (j + 1) * n]
+                for j in range(k)
+            ],
+            dim=1,
+        )
+        for i in range(k)
+    ]
+    return torch.cat(rows, dim=0) + weight_B[:, g:] @ weight_A[g:]
+
+
+@pytest.mark.parametrize("registered", [True, False])
+def test_functional_forward_compiles_with_or_without_the_custom_ops(monkeypatch, registered):
+    """``gralora_forward`` compiled on its own: through the custom op once registered, through plain ops before."""
+    from peft_gralora import functional
+    from tests.reference import dense_output
+
+    ops = functional.register_compile_ops()
+    monkeypatch.setattr(functional, "COMPILE_OPS", ops if registered else [])
+    gen = torch.Generator().manual_seed(4)
+    x, weight_A, weight_B = torch.randn(5, 8, generator=gen), torch.randn(6, 8, generator=gen), torch.randn(4, 6)
+    weight_A.requires_grad_(True)
+    counter = CompileCounterWithBackend("aot_eager")
+    y = torch.compile(functional.gralora_forward, backend=counter, fullgraph=True)(x, weight_A, weight_B, 2, 2)
+    y.sum().backward()
+    assert counter.frame_count == 1
+    torch.testing.assert_close(y.double(), dense_output(x, weight_A, weight_B, 2, 2), **TOL)
+    expected = torch.func.grad(lambda a: (x.double() @ _dense(a, weight_B.double()).T).sum())(
+        weight_A.detach().double()
+    )
+    torch.testing.assert_close(weight_A.grad.double(), expected, **TOL)

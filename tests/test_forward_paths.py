@@ -161,10 +161,11 @@ def test_custom_ops_pass_torch_opcheck(h):
     (x, weight_A, weight_B, _), _ = _inputs(2, 2, h, 3, 2, [5], ("contiguous",) * 4)
     g = weight_A.shape[0] - h
     x2, weight_A, weight_B = (t.requires_grad_(True) for t in (x, weight_A, weight_B))
-    torch.library.opcheck(functional._fused_forward_op, (x2, weight_A, weight_B, 2, g))
-    y, u = functional._fused_forward_op(x2, weight_A, weight_B, 2, g)
+    forward_op, backward_op = functional.register_compile_ops()
+    torch.library.opcheck(forward_op, (x2, weight_A, weight_B, 2, g))
+    y, u = forward_op(x2, weight_A, weight_B, 2, g)
     torch.testing.assert_close(y, dense_output(x, weight_A, weight_B, 2, h), **TOL)
     grad_y = torch.randn_like(y)
     for needs in ((True, True, True), (False, True, False)):
         args = (grad_y, x2.detach(), weight_A.detach(), weight_B.detach(), u.detach(), 2, g, *needs)
-        torch.library.opcheck(functional._fused_backward_op, args)
+        torch.library.opcheck(backward_op, args)

@@ -32,6 +32,7 @@ __all__ = [
     "gralora_shape",
     "gralora_forward",
     "gralora_add_forward",
+    "register_compile_ops",
     "gralora_delta_weight",
     "gralora_add_delta_",
     "gralora_effective_rank",
@@ -283,21 +284,18 @@ def _fused_backward(
 # Under torch.compile the fused kernels run as custom ops: dynamo traces them as one node each (no graph break at
 # their out= writes), inductor generates no code for the adapter's internals (compile time stays near LoRA's), and
 # compiled numbers are the eager kernels' numbers. Their fake (meta) rules give the real outputs' shapes and strides.
-@torch.library.custom_op("peft_gralora::fused_forward", mutates_args=())
-def _fused_forward_op(
+def _fused_forward_impl(
     x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _fused_forward(x2, weight_A, weight_B, k, g)
 
 
-@_fused_forward_op.register_fake
 def _fused_forward_fake(x2, weight_A, weight_B, k, g):
     n_tok = x2.shape[0]
     return x2.new_empty(n_tok, weight_B.shape[0]), x2.new_empty(k, n_tok, weight_A.shape[0])  # y, u
 
 
-@torch.library.custom_op("peft_gralora::fused_backward", mutates_args=())
-def _fused_backward_op(
+def _fused_backward_impl(
     grad_y: torch.Tensor,
     x2: torch.Tensor,
     weight_A: torch.Tensor,
@@ -314,7 +312,6 @@ def _fused_backward_op(
     return tuple(grad if grad is not None else grad_y.new_empty(0) for grad in grads)
 
 
-@_fused_backward_op.register_fake
 def _fused_backward_fake(grad_y, x2, weight_A, weight_B, u, k, g, need_x, need_a, need_b):
     return tuple(
         t.new_empty(t.shape) if need else grad_y.new_empty(0)
@@ -331,11 +328,25 @@ def _fused_op_setup_context(ctx, inputs, output) -> None:
 def _fused_op_backward(ctx, grad_y, grad_u):
     x2, weight_A, weight_B, u = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
-    grads = _fused_backward_op(grad_y, x2, weight_A, weight_B, u, ctx.k, ctx.g, *needs)
+    grads = COMPILE_OPS[1](grad_y, x2, weight_A, weight_B, u, ctx.k, ctx.g, *needs)
     return (*(grad if need else None for grad, need in zip(grads, needs, strict=True)), None, None)
 
 
-_fused_forward_op.register_autograd(_fused_op_backward, setup_context=_fused_op_setup_context)
+COMPILE_OPS: list = []  # [peft_gralora::fused_forward, peft_gralora::fused_backward] once registered
+
+
+def register_compile_ops() -> list:
+    """Register the custom ops that torch.compile traces (idempotent; returns them). Registering costs ~6 ms, so it
+    happens when the first GraLoRA adapter is created rather than at import; a compiled :func:`gralora_forward`
+    without them runs as plain ops (also one graph, just more for inductor to compile)."""
+    if not COMPILE_OPS:
+        forward_op = torch.library.custom_op("peft_gralora::fused_forward", _fused_forward_impl, mutates_args=())
+        forward_op.register_fake(_fused_forward_fake)
+        backward_op = torch.library.custom_op("peft_gralora::fused_backward", _fused_backward_impl, mutates_args=())
+        backward_op.register_fake(_fused_backward_fake)
+        forward_op.register_autograd(_fused_op_backward, setup_context=_fused_op_setup_context)
+        COMPILE_OPS[:] = [forward_op, backward_op]
+    return COMPILE_OPS
 
 
 _RANKS: dict[tuple, int] = {}  # (shape_A, shape_B, k, hybrid_r) -> g, for shapes already validated
@@ -374,9 +385,9 @@ def _adapter_2d(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor
     """``(N, in) -> (N, out)``, choosing the implementation: plain ops (autocast), the custom op (torch.compile),
     the autograd function (a gradient is needed), or the inference kernels (no autograd at all)."""
     if torch.compiler.is_compiling():
-        if torch.is_autocast_enabled(x2.device.type):
-            return _gralora_composed(x2, weight_A, weight_B, k, g)
-        return _fused_forward_op(x2, weight_A, weight_B, k, g)[0]
+        if COMPILE_OPS and not torch.is_autocast_enabled(x2.device.type):
+            return COMPILE_OPS[0](x2, weight_A, weight_B, k, g)[0]
+        return _gralora_composed(x2, weight_A, weight_B, k, g)
     if _needs_plain_ops(x2):
         return _gralora_composed(x2, weight_A, weight_B, k, g)
     if torch.is_grad_enabled() and _any_requires_grad(x2, weight_A, weight_B):

@@ -11,7 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functional import gralora_add_delta_, gralora_add_forward, gralora_delta_weight, init_gralora_A_
+from .functional import (
+    gralora_add_delta_,
+    gralora_add_forward,
+    gralora_delta_weight,
+    init_gralora_A_,
+    register_compile_ops,
+)
 
 __all__ = ["GraLoraLinearVariant", "adapter_weights", "gralora_delta", "is_gralora_adapter"]
 
@@ -120,6 +126,7 @@ class GraLoraLinearVariant:
                 setattr(module, attr, {})
             if attr not in module.other_param_names:
                 module.other_param_names = tuple(module.other_param_names) + (attr,)
+        register_compile_ops()  # for torch.compile, once per process
         module.gralora_k[adapter_name] = config.gralora_k
         module.hybrid_r[adapter_name] = config.hybrid_r
         weight_A = module.lora_A[adapter_name].weight
