@@ -244,6 +244,24 @@ def summary_md(out: Path) -> str:
                 f"{res['train_step']['gralora/upstream']:.3f}; peak memory GraLoRA/LoRA {res['peak gralora/lora']:.3f}"
                 f"; merged inference GraLoRA/LoRA {res['infer_merged']['gralora/lora']:.3f}."
             )
+    serving_json = out / "serving.json"
+    if serving_json.exists():
+        sv = json.loads(serving_json.read_text())
+        res = sv["results"]
+        parts = [
+            f"{label} {res[key]['gralora/lora']:.3f}"
+            for key, label in (
+                ("decode", "decode"),
+                ("mixed", "mixed-batch decode"),
+                ("prefill", "prefill"),
+                ("step", "step"),
+                ("compiled", "compiled step"),
+            )
+            if key in res
+        ]
+        if "compiled" in res:
+            parts.append(f"compile time (cold) {res['compiled']['compile cold gralora/lora']:.2f}")
+        lines.append(f"- Serving / compile ({sv['device']}, {sv['dtype']}), GraLoRA/LoRA: " + "; ".join(parts) + ".")
     if startup_json.exists():
         st = json.loads(startup_json.read_text())
         lines.append(
