@@ -332,6 +332,12 @@ def _fused_op_backward(ctx, grad_y, grad_u):
     return (*(grad if need else None for grad, need in zip(grads, needs, strict=True)), None, None)
 
 
+# explicit schemas: schema inference from annotations varies across torch releases (postponed annotations here)
+_FORWARD_SCHEMA = "(Tensor x2, Tensor weight_A, Tensor weight_B, int k, int g) -> (Tensor, Tensor)"
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_y, Tensor x2, Tensor weight_A, Tensor weight_B, Tensor u, int k, int g, bool need_x, bool need_a, "
+    "bool need_b) -> (Tensor, Tensor, Tensor)"
+)
 COMPILE_OPS: list = []  # [peft_gralora::fused_forward, peft_gralora::fused_backward] once registered
 
 
@@ -340,9 +346,13 @@ def register_compile_ops() -> list:
     happens when the first GraLoRA adapter is created rather than at import; a compiled :func:`gralora_forward`
     without them runs as plain ops (also one graph, just more for inductor to compile)."""
     if not COMPILE_OPS:
-        forward_op = torch.library.custom_op("peft_gralora::fused_forward", _fused_forward_impl, mutates_args=())
+        forward_op = torch.library.custom_op(
+            "peft_gralora::fused_forward", _fused_forward_impl, mutates_args=(), schema=_FORWARD_SCHEMA
+        )
         forward_op.register_fake(_fused_forward_fake)
-        backward_op = torch.library.custom_op("peft_gralora::fused_backward", _fused_backward_impl, mutates_args=())
+        backward_op = torch.library.custom_op(
+            "peft_gralora::fused_backward", _fused_backward_impl, mutates_args=(), schema=_BACKWARD_SCHEMA
+        )
         backward_op.register_fake(_fused_backward_fake)
         forward_op.register_autograd(_fused_op_backward, setup_context=_fused_op_setup_context)
         COMPILE_OPS[:] = [forward_op, backward_op]
