@@ -169,3 +169,31 @@ def test_custom_ops_pass_torch_opcheck(h):
     for needs in ((True, True, True), (False, True, False)):
         args = (grad_y, x2.detach(), weight_A.detach(), weight_B.detach(), u.detach(), 2, g, *needs)
         torch.library.opcheck(backward_op, args)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("x_shape", [(1, 10), (4, 10), (1, 6), (8,), ()])
+def test_input_of_the_wrong_width_is_refused(grad, x_shape):
+    """The inference kernel reads ``x`` through strides built from ``in_features``: a wrong width must raise, also
+    where the element count happens to fit (one token of 10 values for in=8 would otherwise read the first 8)."""
+    weight_A, weight_B = torch.randn(4, 8, requires_grad=grad), torch.randn(6, 4)
+    x = torch.randn(x_shape)
+    if x_shape == (8,):  # the right width: accepted
+        assert gralora_forward(x, weight_A, weight_B, 2, 0).shape == (6,)
+        return
+    with pytest.raises(ValueError, match=r"in_features=8"):
+        gralora_forward(x, weight_A, weight_B, 2, 0)
+    with pytest.raises(ValueError, match=r"in_features=8"):
+        gralora_add_forward(torch.zeros(*x_shape[:-1], 6), x, weight_A, weight_B, 2, 0, 1.0)
+
+
+def test_result_of_the_wrong_width_is_not_read_through_the_kernel():
+    """A ``result`` whose last dim is not ``out_features`` takes the generic path: broadcast where ``result + y``
+    broadcasts (a per-row column), an error where it does not; never a strided read of the wrong layout."""
+    (x, weight_A, weight_B, _), _ = _inputs(2, 2, 0, 3, 2, [1], ("contiguous",) * 4)
+    expected = dense_output(x, weight_A, weight_B, 2, 0)
+    with torch.no_grad():
+        column = torch.randn(1, 1, dtype=torch.float64)
+        torch.testing.assert_close(gralora_add_forward(column, x, weight_A, weight_B, 2, 0, 1.0), column + expected)
+        with pytest.raises(RuntimeError):
+            gralora_add_forward(torch.zeros(1, 8, dtype=torch.float64), x, weight_A, weight_B, 2, 0, 1.0)

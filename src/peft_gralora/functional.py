@@ -376,6 +376,14 @@ def _checked_rank(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid
     return g
 
 
+def _check_input(x: torch.Tensor, weight_A: torch.Tensor) -> None:
+    # the kernels read x through strides computed from in_features: a wrong width must not get that far
+    if x.dim() == 0 or x.shape[-1] != weight_A.shape[1]:
+        raise ValueError(
+            f"GraLoRA input must have shape (..., in_features={weight_A.shape[1]}), got {tuple(x.shape)}."
+        )
+
+
 def _any_requires_grad(*tensors: torch.Tensor) -> bool:
     return any(t.requires_grad for t in tensors)
 
@@ -437,6 +445,7 @@ def gralora_forward(
         ValueError: if the factors do not form a valid GraLoRA adapter (see :func:`gralora_shape`).
     """
     g = _checked_rank(weight_A, weight_B, k, hybrid_r)
+    _check_input(x, weight_A)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight_A.shape[1])  # (N, in): a view whenever the leading dims of x merge
     y = _adapter_2d(x2, weight_A, weight_B, k, g)  # (N, out)
@@ -469,6 +478,7 @@ def gralora_add_forward(
         Tensor of shape ``(..., out)``.
     """
     g = _checked_rank(weight_A, weight_B, k, hybrid_r)
+    _check_input(x, weight_A)
     if (
         not (torch.is_grad_enabled() and _any_requires_grad(result, x, weight_A, weight_B))
         and g == weight_A.shape[0]
@@ -477,6 +487,7 @@ def gralora_add_forward(
         and not _needs_plain_ops(x)
         and result.dtype == x.dtype == weight_A.dtype == weight_B.dtype
         and result.shape[:-1] == x.shape[:-1]
+        and result.shape[-1] == weight_B.shape[0]
     ):
         return _grid_no_grad(x, weight_A, weight_B, k, result, scaling)  # (..., out)
     return result + gralora_forward(x, weight_A, weight_B, k, hybrid_r, bias_B) * scaling
