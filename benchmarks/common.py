@@ -116,8 +116,22 @@ def summarize(times: dict[str, list[float]], base: str = "lora") -> dict[str, An
     return out
 
 
-def peak_alloc_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of extra CPU tensor bytes live while ``fn`` runs, from torch.profiler's allocation events."""
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a timer read afterwards includes it (no-op on CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_alloc_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak of extra tensor bytes live while ``fn`` runs: on CPU from torch.profiler's allocation events, on CUDA
+    from the caching allocator's peak statistics."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 

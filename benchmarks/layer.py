@@ -13,7 +13,16 @@ from typing import Any
 
 import torch
 
-from .common import METHODS, interleaved_times, now, peak_alloc_bytes, peft_config, randomize_adapters, saved_bytes
+from .common import (
+    METHODS,
+    interleaved_times,
+    now,
+    peak_alloc_bytes,
+    peft_config,
+    randomize_adapters,
+    saved_bytes,
+    sync,
+)
 
 FULL_GRID = dict(dims=(1024, 2048, 4096), tokens=(512, 2048, 8192), ranks=(16, 32, 64, 128), ks=(2, 4), hybrid=(0, 1))
 QUICK_GRID = dict(dims=(1024, 2048, 4096), tokens=(512, 2048), ranks=(16, 64, 128), ks=(2, 4), hybrid=(0, 1))
@@ -37,7 +46,9 @@ def hybrid_rank(r: int, hybrid: int) -> int:
     return r // 4 if hybrid else 0
 
 
-def build_models(d: int, r: int, k: int, h: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
+def build_models(
+    d: int, r: int, k: int, h: int, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> dict[str, torch.nn.Module]:
     from peft import get_peft_model
 
     gen = torch.Generator().manual_seed(0)
@@ -47,7 +58,7 @@ def build_models(d: int, r: int, k: int, h: int, dtype: torch.dtype = torch.floa
     for method in METHODS:
         model = get_peft_model(_OneLinear(weight, bias), peft_config(method, r, k, h, ["proj"]))
         randomize_adapters(model)
-        models[method] = model.to(dtype).train()
+        models[method] = model.to(device=device, dtype=dtype).train()
     return models
 
 
@@ -61,6 +72,7 @@ def bench_case(
     time_budget_s: float = 20.0,
     dtype: torch.dtype = torch.float32,
     memory: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Time and memory of one case; returns the median times, ratios and memory per method.
 
@@ -68,11 +80,11 @@ def bench_case(
     ``time_budget_s / rounds``.
     """
     h = hybrid_rank(r, hybrid)
-    models = build_models(d, r, k, h, dtype)
+    models = build_models(d, r, k, h, dtype, device)
     seq = min(tokens, 512)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens // seq, seq, d, generator=gen).to(dtype).requires_grad_(True)
-    grad_out = torch.randn(tokens // seq, seq, d, generator=gen).to(dtype)
+    x = torch.randn(tokens // seq, seq, d, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    grad_out = torch.randn(tokens // seq, seq, d, generator=gen).to(device=device, dtype=dtype)
     params = {m: [p for p in model.parameters() if p.requires_grad] for m, model in models.items()}
 
     def step(method: str) -> None:
@@ -80,6 +92,7 @@ def bench_case(
         for p in params[method]:
             p.grad = None
         models[method](x).backward(grad_out)
+        sync(device)
 
     fns = {m: (lambda m=m: step(m)) for m in METHODS}
     t0 = now()
@@ -102,7 +115,7 @@ def bench_case(
     if memory:
         peak, saved = {}, {}
         for m in METHODS:
-            peak[m] = peak_alloc_bytes(lambda m=m: step(m))
+            peak[m] = peak_alloc_bytes(lambda m=m: step(m), device)
             saved[m] = saved_bytes(lambda m=m: models[m](x), exclude=list(models[m].parameters()))
         result["peak_bytes"] = peak
         result["saved_bytes"] = saved
@@ -126,7 +139,13 @@ def grid_size(grid: dict[str, tuple[int, ...]]) -> int:
 
 
 def run_grid(
-    grid: dict[str, tuple[int, ...]], rounds: int, time_budget_s: float, log=print, on_result=None
+    grid: dict[str, tuple[int, ...]],
+    rounds: int,
+    time_budget_s: float,
+    log=print,
+    on_result=None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> list[dict[str, Any]]:
     """Every case of the grid, smallest first (so a cut-short run still covers the whole shape range).
 
@@ -137,7 +156,9 @@ def run_grid(
     results = []
     for i, (d, tokens, r, k, hybrid) in enumerate(cases):
         t0 = time.perf_counter()
-        res = bench_case(d, tokens, r, k, hybrid, rounds=rounds, time_budget_s=time_budget_s)
+        res = bench_case(
+            d, tokens, r, k, hybrid, rounds=rounds, time_budget_s=time_budget_s, dtype=dtype, device=device
+        )
         results.append(res)
         log(
             f"[layer {i + 1}/{len(cases)}] d={d} tokens={tokens} r={r} k={k} h={res['hybrid_r']}: "

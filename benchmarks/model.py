@@ -28,6 +28,7 @@ from .common import (
     randomize_adapters,
     saved_bytes,
     summarize,
+    sync,
 )
 
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
@@ -108,13 +109,15 @@ def bench_model(
     merge_rounds: int = 3,
     infer_rounds: int = 7,
     log=print,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Training-step time and memory ratios, merge time and post-merge inference latency of one model."""
-    base = build_model(name)
+    base = build_model(name).to(device=device, dtype=dtype)
     base.config.use_cache = False
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     models = {m: adapted(base, m, r, k) for m in METHODS}
     opts = {
         m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-4) for m, mod in models.items()
@@ -124,6 +127,7 @@ def bench_model(
         opts[m].zero_grad(set_to_none=True)
         models[m](input_ids=ids, labels=ids).loss.backward()
         opts[m].step()
+        sync(device)
 
     result: dict[str, Any] = dict(model=name, r=r, k=k, batch=batch, seq=seq)
     result["trainable_params"] = {
@@ -135,7 +139,7 @@ def bench_model(
     log(f"[model {name}] train step {json.dumps(_short(result['train_step']))} ({time.perf_counter() - t0:.0f}s)")
 
     # memory of one step (optimizer state exists after the warm-up step above)
-    result["peak_bytes"] = {m: peak_alloc_bytes(lambda m=m: train_step(m)) for m in METHODS}
+    result["peak_bytes"] = {m: peak_alloc_bytes(lambda m=m: train_step(m), device) for m in METHODS}
     result["saved_bytes"] = {
         m: saved_bytes(lambda m=m: models[m](input_ids=ids, labels=ids).loss, exclude=list(models[m].parameters()))
         for m in METHODS
@@ -152,6 +156,7 @@ def bench_model(
     def infer(mod) -> None:
         with torch.inference_mode():
             mod(input_ids=infer_ids)
+        sync(device)
 
     result["infer_unmerged"] = summarize(
         interleaved_times({m: (lambda m=m: infer(models[m])) for m in METHODS}, infer_rounds)
@@ -164,6 +169,7 @@ def bench_model(
             t1 = now()
             with torch.no_grad():
                 out = work.merge_and_unload()
+            sync(device)
             merge_times[m].append(now() - t1)
             if i == merge_rounds - 1:
                 merged[m] = out

@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # full layer grid, both models, start-up
     python -m benchmarks.run --quick         # a subsampled layer grid, fewer repeats
     python -m benchmarks.run --only layer    # any of: layer, model, startup (comma separated)
+    python -m benchmarks.run --device cuda --dtype bfloat16 --only layer,model   # on a GPU
 
 Results go to ``benchmarks/results/`` (``--out`` to change): ``layer.json``/``layer.md``/``layer.png``,
 ``model.json``/``model.md``/``model.png``, ``startup.json``/``startup.md`` and ``summary.md``.
@@ -25,6 +26,7 @@ from . import startup as startup_bench
 from .common import RESULTS_DIR, environment, set_clock, write_json
 
 PARTS = ("layer", "model", "startup")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODELS = ("smollm2-135m", "wide-tiny-llama")
 
 
@@ -41,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{axis}", default=None, help=f"comma-separated layer-grid {axis} (overrides the mode's)")
     p.add_argument("--tag", default="", help="suffix of the layer result files (layer<tag>.json ...)")
     p.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak RSS check of the models")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (layer and model parts)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the layer and model parts")
     p.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     mode = "quick" if args.quick else "full"
     env = environment(args.threads)
+    env.update(device=args.device, dtype=args.dtype)
     print(f"[run] mode={mode} parts={parts} env={json.dumps(env)}", flush=True)
     results: dict[str, Any] = {}
 
@@ -96,7 +101,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             (out / f"layer{args.tag}.md").write_text(_layer_md(payload))
             return payload
 
-        rows = layer_bench.run_grid(grid, rounds=rounds, time_budget_s=budget, log=log, on_result=save_layer)
+        rows = layer_bench.run_grid(
+            grid,
+            rounds=rounds,
+            time_budget_s=budget,
+            log=log,
+            on_result=save_layer,
+            device=args.device,
+            dtype=DTYPES[args.dtype],
+        )
         payload = save_layer(rows)
         layer_bench.plot(rows, out / f"layer{args.tag}.png")
         results["layer"] = payload
@@ -112,11 +125,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 merge_rounds=2 if args.quick else 3,
                 infer_rounds=5 if args.quick else 9,
                 log=log,
+                device=args.device,
+                dtype=DTYPES[args.dtype],
             )
             rows.append(res)
             payload = {"mode": mode, "environment": env, "elapsed_s": time.perf_counter() - t0, "models": rows}
             write_json("model", payload, out)  # after every model, so a cut-short run keeps what it measured
-            if not args.no_rss:
+            if not args.no_rss and args.device == "cpu":  # RSS is host memory: CPU runs only
                 try:
                     res["rss"] = model_bench.rss_compare(name, 32, 2, res["batch"], res["seq"], args.threads, log=log)
                 except (OSError, RuntimeError, subprocess.CalledProcessError, ZeroDivisionError) as exc:
@@ -149,10 +164,14 @@ def _env_line(env: dict[str, Any]) -> str:
     )
 
 
+def _where(env: dict[str, Any]) -> str:
+    return f"{env.get('dtype', 'float32')} on {env.get('device', 'cpu')}"
+
+
 def _layer_md(payload: dict[str, Any]) -> str:
     s = payload["summary"]
     head = [
-        f"# Layer level ({payload['mode']} grid), fp32 CPU",
+        f"# Layer level ({payload['mode']} grid), {_where(payload['environment'])}",
         "",
         _env_line(payload["environment"]),
         "",
@@ -183,7 +202,7 @@ def _layer_md(payload: dict[str, Any]) -> str:
 
 def _model_md(payload: dict[str, Any]) -> str:
     lines = [
-        f"# Model level ({payload['mode']}), fp32 CPU",
+        f"# Model level ({payload['mode']}), {_where(payload['environment'])}",
         "",
         _env_line(payload["environment"]),
         "",
@@ -225,6 +244,24 @@ def summary_md(out: Path) -> str:
                 f"{res['train_step']['gralora/upstream']:.3f}; peak memory GraLoRA/LoRA {res['peak gralora/lora']:.3f}"
                 f"; merged inference GraLoRA/LoRA {res['infer_merged']['gralora/lora']:.3f}."
             )
+    serving_json = out / "serving.json"
+    if serving_json.exists():
+        sv = json.loads(serving_json.read_text())
+        res = sv["results"]
+        parts = [
+            f"{label} {res[key]['gralora/lora']:.3f}"
+            for key, label in (
+                ("decode", "decode"),
+                ("mixed", "mixed-batch decode"),
+                ("prefill", "prefill"),
+                ("step", "step"),
+                ("compiled", "compiled step"),
+            )
+            if key in res
+        ]
+        if "compiled" in res:
+            parts.append(f"compile time (cold) {res['compiled']['compile cold gralora/lora']:.2f}")
+        lines.append(f"- Serving / compile ({sv['device']}, {sv['dtype']}), GraLoRA/LoRA: " + "; ".join(parts) + ".")
     if startup_json.exists():
         st = json.loads(startup_json.read_text())
         lines.append(

@@ -130,3 +130,16 @@ def test_layer_grid_is_saved_case_by_case(tmp_path):
     assert saved["cases_done"] == "2/2" and len(saved["cases"]) == 2
     assert seen[:2] == [1, 2]  # written after the first case already
     assert "Cases measured: 2/2" in (tmp_path / "layer.md").read_text()
+
+
+def test_serving_benchmark_runs_and_writes_its_table(tmp_path):
+    from benchmarks import serving
+
+    with pytest.raises(SystemExit, match="unknown part"):
+        serving.main(["--only", "nonsense"])
+    payload = serving.main(["--only", "prefill", "--rounds", "1", "--out", str(tmp_path)])
+    res = payload["results"]["prefill"]
+    assert set(res["median_s"]) == {"lora", "gralora", "upstream"} and res["gralora/lora"] > 0
+    saved = json.loads((tmp_path / "serving.json").read_text())
+    assert saved["device"] == "cpu" and saved["dtype"] == "float32"
+    assert "| prefill, 512 tokens |" in (tmp_path / "serving.md").read_text()

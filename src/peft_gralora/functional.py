@@ -31,6 +31,8 @@ __all__ = [
     "GraloraShape",
     "gralora_shape",
     "gralora_forward",
+    "gralora_add_forward",
+    "register_compile_ops",
     "gralora_delta_weight",
     "gralora_add_delta_",
     "gralora_effective_rank",
@@ -127,6 +129,85 @@ def _gralora_composed(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.
     return y
 
 
+def _fused_forward(
+    x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of :class:`_GraloraFunction` (hybrid rows inside the grid's GEMMs): ``y (N, out)`` and the latent
+    ``u (k_i, N, r)`` that backward needs. Writes ``y`` in place through column-block views (eager mode only)."""
+    # x2 (N, in), weight_A (r, in), weight_B (out, r); latent rows [0, g) are the grid's, [g, r) the hybrid's
+    n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
+    a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n): column block j of A
+    z_t = torch.bmm(a_blocks, _blocks(x2, k).transpose(1, 2))  # (k_j, r, n) @ (k_j, n, N) = (k_j, r, N)
+    u = z_t.new_empty(k, n_tok, r)  # (k_i, N, r): [A_i1 x_1; ...; A_ik x_k; A_h x] per output block i
+    # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks
+    u[..., :g].unflatten(-1, (k, s)).copy_(z_t[:, :g].unflatten(1, (k, s)).permute(1, 3, 0, 2))
+    if g < r:
+        u[..., g:].copy_(z_t[:, g:].sum(0).t())  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
+    del z_t  # peak memory: gone before y exists
+    b_t = weight_B.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, r, m): row block i of B, transposed
+    y = u.new_empty(n_tok, weight_B.shape[0])  # (N, out)
+    torch.bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, r) @ (k_i, r, m) -> output block i of y, in place
+    return y, u
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """``t (..., c)`` as rows: ``(t or a 2-D copy, N, row stride, column stride)``, with no op for contiguous ``t``."""
+    if t.is_contiguous():
+        width = t.shape[-1]
+        return t, t.numel() // width, width, 1
+    t2 = t.reshape(-1, t.shape[-1])
+    return (t2, t2.shape[0], *t2.stride())
+
+
+def _grid_no_grad(
+    x: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    k: int,
+    result: torch.Tensor | None = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """Inference kernel for adapters without hybrid branch: ``result + scaling * y``, or ``y`` alone, ``(..., out)``.
+
+    ``x`` is ``(..., in)`` and ``result`` has the same leading dims. No autograd and the fewest dispatched ops (a
+    decode step is all framework overhead): every block view is one ``as_strided`` built from the operands' own
+    strides (any layout), two batched GEMMs with the ``r``-sized side first, one copy of the ``k r``-per-token latent,
+    and the scaled add of ``result`` done by the second GEMM.
+    """
+    out_features, g = weight_B.shape
+    in_features = weight_A.shape[1]
+    out_shape = (*x.shape[:-1], out_features)
+    if x.is_contiguous():  # the common case, without a call
+        n_tok, xr, xc = x.numel() // in_features, in_features, 1
+    else:
+        x, n_tok, xr, xc = _rows(x)
+    n, m, s = in_features // k, out_features // k, g // k
+    ar, ac = weight_A.stride()
+    br, bc = weight_B.stride()
+    x_t = x.as_strided((k, n, n_tok), (n * xc, xc, xr))  # (k_j, n, N): x_j^T
+    a_b = weight_A.as_strided((k, g, n), (n * ac, ar, ac))  # (k_j, g, n): [A_1j; ...; A_kj]
+    z_t = torch.bmm(a_b, x_t)  # (k_j, (i, t), N), contiguous
+    # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks (the one copy)
+    u = z_t.as_strided((k, n_tok, k, s), (s * n_tok, 1, g * n_tok, n_tok)).reshape(k, n_tok, g)  # (k_i, N, g)
+    b_t = weight_B.as_strided((k, g, m), (m * br, bc, br))  # (k_i, g, m): [B_i1 ... B_ik]^T
+    if result is None:  # y alone (scaling is not applied)
+        if n_tok == 1:  # (k_i, 1, m) is laid out as (1, out): no transpose needed
+            return torch.bmm(u, b_t).view(out_shape)
+        y = u.new_empty(out_shape)
+        torch.bmm(u, b_t, out=y.view(n_tok, k, m).transpose(0, 1))  # (k_i, N, m): output block i, in place
+        return y
+    if result.is_contiguous():
+        rr, rc = out_features, 1
+    else:
+        result, _, rr, rc = _rows(result)
+    r_b = result.as_strided((k, n_tok, m), (m * rc, rr, rc))  # (k_i, N, m): output block i of result
+    if n_tok == 1:
+        return torch.baddbmm(r_b, u, b_t, alpha=scaling).view(out_shape)
+    y = u.new_empty(out_shape)
+    torch.baddbmm(r_b, u, b_t, alpha=scaling, out=y.view(n_tok, k, m).transpose(0, 1))  # result + scaling * u b_t
+    return y
+
+
 class _GraloraFunction(torch.autograd.Function):
     """The whole adapter ``y_i = sum_j B_ij A_ij x_j + [B_h A_h x]_i`` on 2-D operands, with a hand-written backward.
 
@@ -148,19 +229,7 @@ class _GraloraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int) -> torch.Tensor:
-        # x2 (N, in), weight_A (r, in), weight_B (out, r); latent rows [0, g) are the grid's, [g, r) the hybrid's
-        n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
-        a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n): column block j of A
-        z_t = torch.bmm(a_blocks, _blocks(x2, k).transpose(1, 2))  # (k_j, r, n) @ (k_j, n, N) = (k_j, r, N)
-        u = z_t.new_empty(k, n_tok, r)  # (k_i, N, r): [A_i1 x_1; ...; A_ik x_k; A_h x] per output block i
-        # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks
-        u[..., :g].unflatten(-1, (k, s)).copy_(z_t[:, :g].unflatten(1, (k, s)).permute(1, 3, 0, 2))
-        if g < r:
-            u[..., g:].copy_(z_t[:, g:].sum(0).t())  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
-        del z_t  # peak memory: gone before y exists
-        b_t = weight_B.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, r, m): row block i of B, transposed
-        y = u.new_empty(n_tok, weight_B.shape[0])  # (N, out)
-        torch.bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, r) @ (k_i, r, m) -> output block i of y, in place
+        y, u = _fused_forward(x2, weight_A, weight_B, k, g)
         ctx.save_for_backward(x2, weight_A, weight_B, u)
         ctx.k, ctx.g = k, g
         return y
@@ -175,29 +244,179 @@ class _GraloraFunction(torch.autograd.Function):
             y = _gralora_composed(x2, weight_A, weight_B, k, g)
             grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
             return (*(next(grads) if need else None for need in needs), None, None)
-        need_x, need_a, need_b = needs
-        n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
-        g_blocks = _blocks(grad_y, k)  # (k_i, N, m)
-        grad_x = grad_A = grad_B = None
-        if need_b:
-            grad_b_t = torch.bmm(u.transpose(1, 2), g_blocks)  # (k_i, r, N) @ (k_i, N, m) = (k_i, r, m)
-            grad_B = grad_b_t.transpose(1, 2).reshape(weight_B.shape)  # (k_i, m, r) = (out, r): B's size
-        if need_x or need_a:
-            b_blocks = weight_B.unflatten(0, (k, -1))  # (k_i, m, r)
-            grad_u_t = torch.bmm(b_blocks.transpose(1, 2), g_blocks.transpose(1, 2))  # (k_i, r, m) @ (k_i, m, N)
-            grad_z_t = grad_u_t.new_empty(k, r, n_tok)  # (k_j, r, N): gradient of z_t
-            grad_z_t[:, :g].unflatten(1, (k, s)).copy_(grad_u_t[:, :g].unflatten(1, (k, s)).transpose(0, 1))
-            if g < r:
-                grad_z_t[:, g:].copy_(grad_u_t[:, g:].sum(0))  # (h, N): every block j gets the whole hybrid grad
-            del grad_u_t  # peak memory: gone before grad x exists
-            if need_a:
-                grad_a = torch.bmm(grad_z_t, _blocks(x2, k))  # (k_j, r, N) @ (k_j, N, n) = (k_j, r, n)
-                grad_A = grad_a.transpose(0, 1).reshape(weight_A.shape)  # (r, k_j, n) = (r, in): A's size
-            if need_x:
-                a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n)
-                grad_x = grad_z_t.new_empty(x2.shape)  # (N, in)
-                torch.bmm(grad_z_t.transpose(1, 2), a_blocks, out=_blocks(grad_x, k))  # (k_j, N, r) @ (k_j, r, n)
-        return grad_x, grad_A, grad_B, None, None
+        return (*_fused_backward(grad_y, x2, weight_A, weight_B, u, k, g, *needs), None, None)
+
+
+def _fused_backward(
+    grad_y: torch.Tensor,
+    x2: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    u: torch.Tensor,
+    k: int,
+    g: int,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward of :class:`_GraloraFunction`: ``grad x (N, in)``, ``grad weight_A (r, in)``, ``grad weight_B
+    (out, r)`` from ``grad y (N, out)`` and the saved latent ``u (k_i, N, r)``; None where not needed."""
+    n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
+    g_blocks = _blocks(grad_y, k)  # (k_i, N, m)
+    grad_x = grad_A = grad_B = None
+    if need_b:
+        grad_b_t = torch.bmm(u.transpose(1, 2), g_blocks)  # (k_i, r, N) @ (k_i, N, m) = (k_i, r, m)
+        grad_B = grad_b_t.transpose(1, 2).reshape(weight_B.shape)  # (k_i, m, r) = (out, r): B's size
+    if need_x or need_a:
+        b_blocks = weight_B.unflatten(0, (k, -1))  # (k_i, m, r)
+        grad_u_t = torch.bmm(b_blocks.transpose(1, 2), g_blocks.transpose(1, 2))  # (k_i, r, m) @ (k_i, m, N)
+        grad_z_t = grad_u_t.new_empty(k, r, n_tok)  # (k_j, r, N): gradient of z_t
+        grad_z_t[:, :g].unflatten(1, (k, s)).copy_(grad_u_t[:, :g].unflatten(1, (k, s)).transpose(0, 1))
+        if g < r:
+            grad_z_t[:, g:].copy_(grad_u_t[:, g:].sum(0))  # (h, N): every block j gets the whole hybrid grad
+        del grad_u_t  # peak memory: gone before grad x exists
+        if need_a:
+            grad_a = torch.bmm(grad_z_t, _blocks(x2, k))  # (k_j, r, N) @ (k_j, N, n) = (k_j, r, n)
+            grad_A = grad_a.transpose(0, 1).reshape(weight_A.shape)  # (r, k_j, n) = (r, in): A's size
+        if need_x:
+            a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n)
+            grad_x = grad_z_t.new_empty(x2.shape)  # (N, in)
+            torch.bmm(grad_z_t.transpose(1, 2), a_blocks, out=_blocks(grad_x, k))  # (k_j, N, r) @ (k_j, r, n)
+    return grad_x, grad_A, grad_B
+
+
+# Under torch.compile the fused kernels run as custom ops: dynamo traces them as one node each (no graph break at
+# their out= writes), inductor generates no code for the adapter's internals (compile time stays near LoRA's), and
+# compiled numbers are the eager kernels' numbers. Their fake (meta) rules give the real outputs' shapes and strides.
+def _fused_forward_impl(
+    x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_forward(x2, weight_A, weight_B, k, g)
+
+
+def _fused_forward_fake(x2, weight_A, weight_B, k, g):
+    n_tok = x2.shape[0]
+    return x2.new_empty(n_tok, weight_B.shape[0]), x2.new_empty(k, n_tok, weight_A.shape[0])  # y, u
+
+
+def _fused_backward_impl(
+    grad_y: torch.Tensor,
+    x2: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    u: torch.Tensor,
+    k: int,
+    g: int,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _fused_backward(grad_y.contiguous(), x2, weight_A, weight_B, u, k, g, need_x, need_a, need_b)
+    # a custom op returns tensors: a gradient not asked for is an empty one (each its own: outputs may not alias)
+    return tuple(grad if grad is not None else grad_y.new_empty(0) for grad in grads)
+
+
+def _fused_backward_fake(grad_y, x2, weight_A, weight_B, u, k, g, need_x, need_a, need_b):
+    return tuple(
+        t.new_empty(t.shape) if need else grad_y.new_empty(0)
+        for t, need in ((x2, need_x), (weight_A, need_a), (weight_B, need_b))
+    )
+
+
+def _fused_op_setup_context(ctx, inputs, output) -> None:
+    x2, weight_A, weight_B, k, g = inputs
+    ctx.save_for_backward(x2, weight_A, weight_B, output[1])
+    ctx.k, ctx.g = k, g
+
+
+def _fused_op_backward(ctx, grad_y, grad_u):
+    x2, weight_A, weight_B, u = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    grads = COMPILE_OPS[1](grad_y, x2, weight_A, weight_B, u, ctx.k, ctx.g, *needs)
+    return (*(grad if need else None for grad, need in zip(grads, needs, strict=True)), None, None)
+
+
+# explicit schemas: schema inference from annotations varies across torch releases (postponed annotations here)
+_FORWARD_SCHEMA = "(Tensor x2, Tensor weight_A, Tensor weight_B, int k, int g) -> (Tensor, Tensor)"
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_y, Tensor x2, Tensor weight_A, Tensor weight_B, Tensor u, int k, int g, bool need_x, bool need_a, "
+    "bool need_b) -> (Tensor, Tensor, Tensor)"
+)
+COMPILE_OPS: list = []  # [peft_gralora::fused_forward, peft_gralora::fused_backward] once registered
+
+
+def register_compile_ops() -> list:
+    """Register the custom ops that torch.compile traces (idempotent; returns them). Registering costs ~6 ms, so it
+    happens when the first GraLoRA adapter is created rather than at import; a compiled :func:`gralora_forward`
+    without them runs as plain ops (also one graph, just more for inductor to compile)."""
+    if not COMPILE_OPS:
+        forward_op = torch.library.custom_op(
+            "peft_gralora::fused_forward", _fused_forward_impl, mutates_args=(), schema=_FORWARD_SCHEMA
+        )
+        forward_op.register_fake(_fused_forward_fake)
+        backward_op = torch.library.custom_op(
+            "peft_gralora::fused_backward", _fused_backward_impl, mutates_args=(), schema=_BACKWARD_SCHEMA
+        )
+        backward_op.register_fake(_fused_backward_fake)
+        forward_op.register_autograd(_fused_op_backward, setup_context=_fused_op_setup_context)
+        COMPILE_OPS[:] = [forward_op, backward_op]
+    return COMPILE_OPS
+
+
+_RANKS: dict[tuple, int] = {}  # (shape_A, shape_B, k, hybrid_r) -> g, for shapes already validated
+
+
+def _checked_rank(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid_r: int) -> int:
+    """:func:`gralora_shape`'s check and ``g``, computed once per distinct shape: it depends on nothing else."""
+    if torch.compiler.is_compiling():  # traced once into the graph's guards: free at run time
+        return gralora_shape(weight_A, weight_B, k, hybrid_r).g
+    key = (weight_A.shape, weight_B.shape, k, hybrid_r)
+    g = _RANKS.get(key)
+    if g is None:
+        g = gralora_shape(weight_A, weight_B, k, hybrid_r).g  # raises for invalid adapters: never cached
+        if len(_RANKS) >= 4096:
+            _RANKS.clear()
+        _RANKS[key] = g
+    return g
+
+
+def _check_input(x: torch.Tensor, weight_A: torch.Tensor) -> None:
+    # the kernels read x through strides computed from in_features: a wrong width must not get that far
+    if x.dim() == 0 or x.shape[-1] != weight_A.shape[1]:
+        raise ValueError(
+            f"GraLoRA input must have shape (..., in_features={weight_A.shape[1]}), got {tuple(x.shape)}."
+        )
+
+
+def _any_requires_grad(*tensors: torch.Tensor) -> bool:
+    return any(t.requires_grad for t in tensors)
+
+
+# one call for every device type (torch.is_autocast_enabled(device_type) builds a device object per call)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _needs_plain_ops(x2: torch.Tensor) -> bool:
+    """Eager mode under autocast: its casts would escape out= and in-place writes, so :func:`_gralora_composed`."""
+    if _any_autocast is None:
+        return torch.is_autocast_enabled(x2.device.type)
+    return _any_autocast()
+
+
+def _adapter_2d(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int) -> torch.Tensor:
+    """``(N, in) -> (N, out)``, choosing the implementation: plain ops (autocast), the custom op (torch.compile),
+    the autograd function (a gradient is needed), or the inference kernels (no autograd at all)."""
+    if torch.compiler.is_compiling():
+        if COMPILE_OPS and not torch.is_autocast_enabled(x2.device.type):
+            return COMPILE_OPS[0](x2, weight_A, weight_B, k, g)[0]
+        return _gralora_composed(x2, weight_A, weight_B, k, g)
+    if _needs_plain_ops(x2):
+        return _gralora_composed(x2, weight_A, weight_B, k, g)
+    if torch.is_grad_enabled() and _any_requires_grad(x2, weight_A, weight_B):
+        return _GraloraFunction.apply(x2, weight_A, weight_B, k, g)
+    if g == weight_A.shape[0]:
+        return _grid_no_grad(x2, weight_A, weight_B, k)
+    return _fused_forward(x2, weight_A, weight_B, k, g)[0]
 
 
 def gralora_forward(
@@ -210,7 +429,10 @@ def gralora_forward(
 ) -> torch.Tensor:
     """The adapter's output ``sum_j B_ij A_ij x_j + [B_h A_h x]_i (+ bias_B)``, without scaling.
 
-    Two batched matmuls and one regrouping of the latent: FLOPs equal those of a rank-``r`` LoRA.
+    Two batched matmuls and one regrouping of the latent: FLOPs equal those of a rank-``r`` LoRA. With a gradient
+    needed it runs as one autograd function with a hand-written backward; without (``no_grad``, ``inference_mode``,
+    frozen weights and input) as plain kernels with no autograd at all; under ``torch.compile`` and autocast as
+    ordinary differentiable ops.
 
     Args:
         x: input of shape ``(..., in)``.
@@ -222,19 +444,57 @@ def gralora_forward(
 
     Returns:
         Tensor of shape ``(..., out)``.
+
+    Raises:
+        ValueError: if the factors do not form a valid GraLoRA adapter (see :func:`gralora_shape`).
     """
-    shp = gralora_shape(weight_A, weight_B, k, hybrid_r)
-    g = shp.g
+    g = _checked_rank(weight_A, weight_B, k, hybrid_r)
+    _check_input(x, weight_A)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, shp.in_features)  # (N, in): a view whenever the leading dims of x merge
-    if torch.is_autocast_enabled(x.device.type):
-        # composed ops follow autocast's casts (out= and in-place writes would not): y is half, the weights float
-        y = _gralora_composed(x2, weight_A, weight_B, k, g)  # (N, out)
-    else:
-        y = _GraloraFunction.apply(x2, weight_A, weight_B, k, g)  # (N, out)
+    x2 = x.reshape(-1, weight_A.shape[1])  # (N, in): a view whenever the leading dims of x merge
+    y = _adapter_2d(x2, weight_A, weight_B, k, g)  # (N, out)
     if bias_B is not None:
         y = y + bias_B
-    return y.view(*lead, shp.out_features)  # (..., out)
+    return y.view(*lead, weight_B.shape[0])  # (..., out)
+
+
+def gralora_add_forward(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    k: int,
+    hybrid_r: int,
+    scaling: float,
+    bias_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``result + scaling * gralora_forward(x, ...)``: a layer's output with the adapter added, as a new tensor.
+
+    The hot path of an unmerged adapter. Without a gradient, without hybrid branch or bias and with one dtype
+    throughout, the scaled add is done by the second GEMM (no ``(N, out)`` temporaries at all).
+
+    Args:
+        result: ``(..., out)``, the base layer's output for ``x``.
+        x: ``(..., in)``.
+        scaling: the adapter's scale (``lora_alpha / r``).
+
+    Returns:
+        Tensor of shape ``(..., out)``.
+    """
+    g = _checked_rank(weight_A, weight_B, k, hybrid_r)
+    _check_input(x, weight_A)
+    if (
+        not (torch.is_grad_enabled() and _any_requires_grad(result, x, weight_A, weight_B))
+        and g == weight_A.shape[0]
+        and bias_B is None
+        and not torch.compiler.is_compiling()
+        and not _needs_plain_ops(x)
+        and result.dtype == x.dtype == weight_A.dtype == weight_B.dtype
+        and result.shape[:-1] == x.shape[:-1]
+        and result.shape[-1] == weight_B.shape[0]
+    ):
+        return _grid_no_grad(x, weight_A, weight_B, k, result, scaling)  # (..., out)
+    return result + gralora_forward(x, weight_A, weight_B, k, hybrid_r, bias_B) * scaling
 
 
 def gralora_delta_weight(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid_r: int) -> torch.Tensor:

@@ -9,8 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
-from .functional import gralora_add_delta_, gralora_delta_weight, gralora_forward, init_gralora_A_
+from .functional import (
+    gralora_add_delta_,
+    gralora_add_forward,
+    gralora_delta_weight,
+    init_gralora_A_,
+    register_compile_ops,
+)
 
 __all__ = ["GraLoraLinearVariant", "adapter_weights", "gralora_delta", "is_gralora_adapter"]
 
@@ -25,6 +32,11 @@ def is_gralora_adapter(module: Any, adapter_name: str) -> bool:
 
 def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
+
+
+def _is_no_op(dropout: nn.Module) -> bool:
+    """peft's ``lora_dropout`` entry does nothing: ``nn.Identity`` (dropout 0), or ``nn.Dropout`` in eval mode."""
+    return type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)
 
 
 def adapter_weights(module: Any, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +126,7 @@ class GraLoraLinearVariant:
                 setattr(module, attr, {})
             if attr not in module.other_param_names:
                 module.other_param_names = tuple(module.other_param_names) + (attr,)
+        register_compile_ops()  # for torch.compile, once per process
         module.gralora_k[adapter_name] = config.gralora_k
         module.hybrid_r[adapter_name] = config.hybrid_r
         weight_A = module.lora_A[adapter_name].weight
@@ -146,14 +159,19 @@ class GraLoraLinearVariant:
     ) -> torch.Tensor:
         """``result + scaling * GraLoRA(dropout(x))``; ``x`` is ``(..., in)``, ``result`` is ``(..., out)``."""
         weight_A, weight_B = adapter_weights(module, active_adapter)
-        x = module.lora_dropout[active_adapter](x)
+        dropout = module.lora_dropout[active_adapter]
+        if not _is_no_op(dropout):  # a module call costs as much as a GEMM at one token
+            x = dropout(x)
         x = module._cast_input_dtype(x, weight_A.dtype)
-        delta = gralora_forward(
+        # lora_B has a bias exactly when lora_bias is set (peft's merge relies on the same flag); skip the lookup
+        bias = module.lora_B[active_adapter].bias if module.lora_bias[active_adapter] else None
+        return gralora_add_forward(
+            result,
             x,
             weight_A,
             weight_B,
             module.gralora_k[active_adapter],
             module.hybrid_r[active_adapter],
-            module.lora_B[active_adapter].bias,
+            module.scaling[active_adapter],
+            bias,
         )
-        return result + delta * module.scaling[active_adapter]
