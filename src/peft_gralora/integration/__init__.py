@@ -42,6 +42,10 @@ patch point                           why
                                       layers already adapted back out, so a refused config leaves the model unchanged
 ``LoraModel.add_weighted_adapter``    each combination type gives the right result for GraLoRA adapters or a clear
                                       error (never plain-LoRA math on GraLoRA weights)
+``peft.utils.other``                  the FSDP auto-wrap policy transformers' Trainer applies to PEFT models makes
+``.fsdp_auto_wrap_policy``            every trainable Linear its own unit, which GraLoRA (reading the weights without
+                                      calling the module) would never unshard: keeps GraLoRA's factors in the
+                                      enclosing unit (:mod:`.distributed`); peft's policy unchanged otherwise
 ====================================  =================================================================================
 
 Nothing in torch or transformers is rebound. ``install()`` is idempotent; ``uninstall()`` puts back every original
@@ -58,6 +62,7 @@ from typing import Any
 
 from ..config import GRALORA_FIELDS
 from . import config as _config
+from . import distributed as _distributed
 from . import layers as _layers
 from . import model as _model
 from ._targets import peft_targets
@@ -109,7 +114,7 @@ def check_peft_version(version: str | None = None) -> str:
 
 def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for every patched attribute (fields aside), all modules."""
-    return [*_config.patches(), *_layers.patches(), *_model.patches()]
+    return [*_config.patches(), *_layers.patches(), *_model.patches(), *_distributed.patches()]
 
 
 def _resolve_original(owner: Any, attr: str) -> Any:
