@@ -80,7 +80,7 @@ def test_wrap_policy_keeps_gralora_factors_in_the_decoder_layer_unit(use_dora):
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_gralora=True, use_dora=use_dora)
     model = get_peft_model(tiny_llama(), config)
     model.add_adapter("plain", LoraConfig(r=4, target_modules=["q_proj"]))
-    model.base_model.set_adapter(["default", "plain"])  # both trainable
+    model.base_model.set_adapter(["default", "plain"])  # both trainable: plain LoRA keeps peft's leaf units
     peft_units = _units(_originals[(peft.utils.other, "fsdp_auto_wrap_policy")](model), model)
     ours = _units(peft.utils.other.fsdp_auto_wrap_policy(model), model)
     suffixes = (".lora_A.default", ".lora_B.default") + ((".lora_magnitude_vector.default",) if use_dora else ())
@@ -88,11 +88,24 @@ def test_wrap_policy_keeps_gralora_factors_in_the_decoder_layer_unit(use_dora):
     # peft's own policy makes every GraLoRA factor (and GraLoRA + DoRA's magnitude) a unit: the trap
     assert len(gralora_factors) == (12 if use_dora else 8)
     assert ours == peft_units - gralora_factors
-    assert {n for n in ours if n.endswith(".plain")}  # plain LoRA keeps peft's wrapping
-    assert {n for n in ours if n.endswith("LlamaDecoderLayer") or n.endswith(("layers.0", "layers.1"))}
+    assert {n for n in ours if n.endswith(".plain")} and {"base_model.model.model.layers.0"} <= ours
+
+
+def test_wrap_policy_for_gralora_alone_is_the_decoder_layer_policy():
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    config = LoraConfig(r=4, target_modules="all-linear", use_gralora=True, use_dora=True)
+    model = get_peft_model(tiny_llama(), config)
+    ours = peft.utils.other.fsdp_auto_wrap_policy(model)
+    # the form accelerate's FSDP2 path recognises (it shards layer by layer then)
+    assert isinstance(ours, functools.partial) and ours.func is transformer_auto_wrap_policy
+    assert LlamaDecoderLayer in ours.keywords["transformer_layer_cls"]
+    assert _units(ours, model) == {"base_model.model.model.layers.0", "base_model.model.model.layers.1"}
 
 
 def test_wrap_policy_is_peft_s_own_without_gralora():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    peft_policy = _originals[(peft.utils.other, "fsdp_auto_wrap_policy")](model)
     ours = peft.utils.other.fsdp_auto_wrap_policy(model)
-    assert isinstance(ours, functools.partial)  # peft's object, which accelerate's FSDP2 path inspects
+    assert ours.func is peft_policy.func and _units(ours, model) == _units(peft_policy, model)

@@ -6,7 +6,10 @@ gathers a parameter only when *its* module is called therefore never gathers the
 
 - **peft's** ``fsdp_auto_wrap_policy`` (applied by transformers' Trainer to every PEFT model) makes each trainable leaf
   Linear its own FSDP unit. The patched policy (:func:`_make_fsdp_auto_wrap_policy`) leaves GraLoRA's factor modules
-  out, so they join the enclosing unit (the decoder layer's, or the root's), which is unsharded while it runs.
+  out, so they join the enclosing unit (the decoder layer's, or the root's), which is unsharded while it runs. When
+  nothing but GraLoRA factors would have had a unit of its own, it is plainly
+  ``partial(transformer_auto_wrap_policy, transformer_layer_cls=...)`` with peft's decoder-layer classes: accelerate's
+  FSDP2 path understands that form and shards layer by layer, where it makes the whole model one unit for peft's.
 - **FSDP2** units around a factor module that exist anyway (``fully_shard(lora_A)``): :func:`full_weight` unshards the
   unit with FSDP2's public ``unshard()``, copies the weight (differentiably: the gradient still reaches the unsharded
   parameter, which the root's post-backward callback reduce-scatters) and reshards it at once, so the unit never
@@ -49,13 +52,40 @@ def gralora_factor_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _transformer_layer_classes(policy: Any) -> set[type] | None:
+    """The decoder-layer classes inside peft's policy (``_or_policy`` of a leaf policy and a transformer one)."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    for part in getattr(policy, "keywords", {}).get("policies", ()):
+        if isinstance(part, functools.partial) and part.func is transformer_auto_wrap_policy:
+            return set(part.keywords.get("transformer_layer_cls", ()))
+    return None
+
+
 def _make_fsdp_auto_wrap_policy(original: Callable) -> Callable:
     @functools.wraps(original)
     def fsdp_auto_wrap_policy(model: nn.Module) -> Callable:
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
         policy = original(model)
         keep_out = {id(m) for m in gralora_factor_modules(model)}
         if not keep_out:
             return policy
+        layer_classes = _transformer_layer_classes(policy)
+        if layer_classes:
+            layers = tuple(layer_classes)
+            others = [
+                m
+                for m in model.modules()
+                if id(m) not in keep_out
+                and not isinstance(m, layers)
+                and policy(module=m, recurse=False, nonwrapped_numel=0)
+            ]
+            if not others:
+                # only GraLoRA factors would be units of their own: wrap decoder layers, as for a full fine-tune. In
+                # this form accelerate's FSDP2 path recognises the policy and shards layer by layer (it ignores
+                # peft's composite policy and makes the whole model one unit)
+                return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_classes)
 
         def gralora_aware_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
             # a GraLoRA factor never becomes a unit of its own: it stays in the unit of the layer that reads it
