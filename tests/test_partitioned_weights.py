@@ -109,3 +109,23 @@ def test_wrap_policy_is_peft_s_own_without_gralora():
     peft_policy = _originals[(peft.utils.other, "fsdp_auto_wrap_policy")](model)
     ours = peft.utils.other.fsdp_auto_wrap_policy(model)
     assert ours.func is peft_policy.func and _units(ours, model) == _units(peft_policy, model)
+
+
+def test_accelerate_fsdp2_shards_gralora_models_layer_by_layer():
+    # what the Trainer does with FSDP2 on a PEFT model: peft's policy into the plugin, then accelerate's FSDP2 policy
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", use_gralora=True))
+    units = {}
+    for name, make_policy in [
+        ("ours", peft.utils.other.fsdp_auto_wrap_policy),
+        ("peft", _originals[(peft.utils.other, "fsdp_auto_wrap_policy")]),
+    ]:
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        plugin.auto_wrap_policy = make_policy(model)
+        plugin.set_auto_wrap_policy(model)
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+        units[name] = policy and [n for n, m in model.named_modules() if policy(m)]
+    assert units["ours"] == ["base_model.model.model.layers.0", "base_model.model.model.layers.1"]
+    assert units["peft"] is None  # accelerate does not understand peft's composite policy: one unit for everything
