@@ -39,6 +39,14 @@ for _engine in ("fsdp2_layers", "fsdp2_factors", "fsdp1", "zero2", "zero3"):
     CASES[f"{_engine}-h0"] = dict(engine=_engine, hybrid_r=0)
     CASES[f"{_engine}-h2-dora-eval"] = dict(engine=_engine, hybrid_r=2, dora=True, eval_between=True)
     CASES[f"{_engine}-h2-gc-accum"] = dict(engine=_engine, hybrid_r=2, gc=True, accum=2)
+# QLoRA + FSDP2: a 4-bit base whose quantized storage is float32 (bnb_4bit_quant_storage), as FSDP needs
+CASES["fsdp2_layers-qlora"] = dict(engine="fsdp2_layers", hybrid_r=2, qlora=True)
+# bitsandbytes repacks a 4-bit weight for its CPU kernel on an eval forward (CPU only): FSDP2 then re-gathers the
+# canonical shard under a quant_state that says "packed" (measured: logits 0.6 off). Switched off, eval is equal
+CASES["fsdp2_layers-qlora-eval-norepack"] = dict(
+    engine="fsdp2_layers", hybrid_r=2, qlora=True, eval_between=True, no_cpu_repack=True
+)
+CASES["fsdp2_layers-qlora_uint8"] = dict(engine="fsdp2_layers", hybrid_r=2, qlora="uint8")
 # peft's policy as released (not the GraLoRA-aware one) makes lora_A / lora_B FSDP1 units: a clear error
 CASES["fsdp1_unpatched_policy-h0"] = dict(
     engine="fsdp1", hybrid_r=0, unpatched_policy=True, expect_error="its own FSDP1 unit"
@@ -50,7 +58,10 @@ def build(opts: dict):
 
     from tests.models import tiny_llama
 
-    model = tiny_llama(seed=0)
+    model = quantized_4bit(str(opts["qlora"]).replace("True", "float32")) if opts.get("qlora") else tiny_llama(seed=0)
+    for module in model.modules():
+        if opts.get("no_cpu_repack") and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     model.config.use_cache = False
     config = LoraConfig(
         r=8,
@@ -67,6 +78,31 @@ def build(opts: dict):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+QLORA_BASE: list[str] = []  # the folder of the tiny Llama (feature sizes multiples of 64) that 4-bit cases load
+
+
+def quantized_4bit(storage: str = "float32"):
+    """The tiny Llama loaded as NF4 with float32 quantized storage (what FSDP + QLoRA set-ups use)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.models import tiny_llama
+
+    if not QLORA_BASE:
+        folder = [tempfile.mkdtemp(prefix="qlora-base-") if dist.get_rank() == 0 else None]
+        if dist.get_rank() == 0:
+            tiny_llama(seed=0, hidden_size=64, intermediate_size=128).save_pretrained(folder[0])
+        dist.broadcast_object_list(folder, src=0)
+        QLORA_BASE.append(folder[0])
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(QLORA_BASE[0], quantization_config=q, dtype=torch.float32)
 
 
 def batch() -> torch.Tensor:
