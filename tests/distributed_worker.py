@@ -43,6 +43,9 @@ for _engine in ("fsdp2_layers", "fsdp2_factors", "fsdp1", "zero2", "zero3"):
 CASES["fsdp2_layers-qlora"] = dict(engine="fsdp2_layers", hybrid_r=2, qlora=True)
 # bitsandbytes repacks a 4-bit weight for its CPU kernel on an eval forward (CPU only): FSDP2 then re-gathers the
 # canonical shard under a quant_state that says "packed" (measured: logits 0.6 off). Switched off, eval is equal
+CASES["fsdp2_layers-qlora-eval-repack"] = dict(
+    engine="fsdp2_layers", hybrid_r=2, qlora=True, eval_between=True, known_wrong=True
+)
 CASES["fsdp2_layers-qlora-eval-norepack"] = dict(
     engine="fsdp2_layers", hybrid_r=2, qlora=True, eval_between=True, no_cpu_repack=True
 )
@@ -344,11 +347,13 @@ def run_case(opts: dict, tmp: str) -> dict:
     saved, expected = load(saved_adapter(engine, os.path.join(tmp, "final"))), load(ref["final_file"])
     result["file_keys_equal"] = sorted(saved) == sorted(expected)
     result["file_diff"] = max_diff(saved, expected) if result["file_keys_equal"] else None
-    result["ok"] = (
+    result["equal"] = (
         result["init_file_equal"]
         and result["file_keys_equal"]
         and max(result["grad_diff"], result["weight_diff"], result["file_diff"], result["eval_diff"] or 0.0) <= TOL
     )
+    # a known hazard outside this package (README "Scaling out"): measured to stay wrong, so the note stays true
+    result["ok"] = result["equal"] != bool(opts.get("known_wrong"))
     return result
 
 
