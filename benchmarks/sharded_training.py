@@ -51,8 +51,8 @@ def main() -> None:
         "",
         "Max over both ranks of: adapter gradients before each of 3 AdamW steps, eval logits between steps, weights "
         "after, the saved adapter file after (its bytes equal one process's before training: `init file`). "
-        "`fsdp2_layers-qlora-eval-repack` is bitsandbytes' CPU repack hazard (README), `fsdp1_unpatched_policy` the "
-        "clear error for peft's unpatched policy.",
+        "`*-qlora*-eval-repack` is bitsandbytes' CPU repack hazard (README; plain LoRA too), "
+        "`fsdp1_unpatched_policy` the clear error for peft's unpatched policy.",
         "",
         "| case | equal | grad | eval | weights | file | init file | error |",
         "|---|---|---|---|---|---|---|---|",

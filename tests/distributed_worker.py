@@ -46,6 +46,9 @@ CASES["fsdp2_layers-qlora"] = dict(engine="fsdp2_layers", hybrid_r=2, qlora=True
 CASES["fsdp2_layers-qlora-eval-repack"] = dict(
     engine="fsdp2_layers", hybrid_r=2, qlora=True, eval_between=True, known_wrong=True
 )
+CASES["fsdp2_layers-qlora-lora-eval-repack"] = dict(
+    engine="fsdp2_layers", gralora=False, qlora=True, eval_between=True, known_wrong=True
+)
 CASES["fsdp2_layers-qlora-eval-norepack"] = dict(
     engine="fsdp2_layers", hybrid_r=2, qlora=True, eval_between=True, no_cpu_repack=True
 )

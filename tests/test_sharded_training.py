@@ -4,10 +4,10 @@ lora_A / lora_B as peft's wrap policy asks), FSDP1 with peft's (patched) policy,
 Every case of ``tests/distributed_worker.py`` compares, on both ranks, the full adapter gradients before each of 3
 AdamW steps and the weights after them with one process training on the whole batch (tolerance 1e-5), the eval
 logits between steps where asked, and the adapter file saved from the sharded model (byte-identical before training,
-equal tensors after). QLoRA + FSDP2 cases load an NF4 base (bnb_4bit_quant_storage float32 / uint8); one of them
-measures bitsandbytes' CPU repack hazard, which must stay wrong while the README says so. One torchrun launch runs
-the whole matrix, to pay the start-up (torch, transformers, deepspeed imports) once: 50-80 s for the 25 cases on 2
-busy CPU cores. Alone:
+equal tensors after). QLoRA + FSDP2 cases load an NF4 base (bnb_4bit_quant_storage float32 / uint8); two of them
+measure bitsandbytes' CPU repack hazard (GraLoRA and plain LoRA alike), which must stay wrong while the README says
+so. One torchrun launch runs the whole matrix, to pay the start-up (torch, transformers, deepspeed imports) once:
+50-80 s for the 26 cases on 2 busy CPU cores. Alone:
 
     pytest tests/test_sharded_training.py
 """
