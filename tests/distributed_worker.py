@@ -53,6 +53,8 @@ CASES["fsdp2_layers-qlora-eval-norepack"] = dict(
     engine="fsdp2_layers", hybrid_r=2, qlora=True, eval_between=True, no_cpu_repack=True
 )
 CASES["fsdp2_layers-qlora_uint8"] = dict(engine="fsdp2_layers", hybrid_r=2, qlora="uint8")
+# FSDP2 units around the factors and nothing around them: no post-backward would reduce their gradients
+CASES["fsdp2_factors_noroot-h0"] = dict(engine="fsdp2_factors", hybrid_r=0, no_root=True, expect_error="no enclosing")
 # peft's policy as released (not the GraLoRA-aware one) makes lora_A / lora_B FSDP1 units: a clear error
 CASES["fsdp1_unpatched_policy-h0"] = dict(
     engine="fsdp1", hybrid_r=0, unpatched_policy=True, expect_error="its own FSDP1 unit"
@@ -188,9 +190,12 @@ class FSDP2(Engine):
             for m in model.modules():
                 if len(list(m.children())) == 0 and getattr(m, "weight", None) is not None and m.weight.requires_grad:
                     fully_shard(m)
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        self.model = fully_shard(model)
+        if opts.get("no_root"):
+            self.model = model  # only the factor units: nothing encloses them
+        else:
+            for layer in model.base_model.model.model.layers:
+                fully_shard(layer)
+            self.model = fully_shard(model)
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
     def full_grads(self):

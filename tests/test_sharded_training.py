@@ -7,7 +7,7 @@ logits between steps where asked, and the adapter file saved from the sharded mo
 equal tensors after). QLoRA + FSDP2 cases load an NF4 base (bnb_4bit_quant_storage float32 / uint8); two of them
 measure bitsandbytes' CPU repack hazard (GraLoRA and plain LoRA alike), which must stay wrong while the README says
 so. One torchrun launch runs the whole matrix, to pay the start-up (torch, transformers, deepspeed imports) once:
-50-80 s for the 26 cases on 2 busy CPU cores. Alone:
+50-80 s for the 27 cases on 2 busy CPU cores. Alone:
 
     pytest tests/test_sharded_training.py
 """

@@ -131,6 +131,14 @@ def _fsdp2_full_weight(sub: nn.Module, what: str) -> torch.Tensor:
             f"{what}: a GraLoRA factor with a bias (lora_bias=True) in its own FSDP2 unit is not supported. Leave "
             "lora_A / lora_B out of fully_shard (shard whole decoder layers) or use lora_bias=False."
         )
+    # the gradient reaches the shard only through the root's post-backward callback: a unit that no FSDP2 root ran
+    # around (its lazy init marks every unit below it) would leave the factor untrained without a word
+    if getattr(sub._get_fsdp_state(), "_is_root", None) is not False:
+        raise RuntimeError(
+            f"{what} is its own FSDP2 unit, but no enclosing FSDP2 module has run it: GraLoRA reads the weight without "
+            "calling the module, so its gradient is reduce-scattered only by an enclosing root's backward. "
+            "fully_shard the model (the root) as well, or leave lora_A / lora_B out of fully_shard."
+        )
     sub.unshard()
     try:
         # a copy, so the unit can reshard now; autograd still sends the gradient to the unsharded parameter, which
