@@ -135,8 +135,8 @@ def _fsdp2_full_weight(sub: nn.Module, what: str) -> torch.Tensor:
     # around (its lazy init marks every unit below it) would leave the factor untrained without a word
     if getattr(sub._get_fsdp_state(), "_is_root", None) is not False:
         raise RuntimeError(
-            f"{what} is its own FSDP2 unit, but no enclosing FSDP2 module has run it: GraLoRA reads the weight without "
-            "calling the module, so its gradient is reduce-scattered only by an enclosing root's backward. "
+            f"{what} is its own FSDP2 unit, but no enclosing FSDP2 module has run it: GraLoRA reads the weight "
+            "without calling the module, so its gradient is reduce-scattered only by an enclosing root's backward. "
             "fully_shard the model (the root) as well, or leave lora_A / lora_B out of fully_shard."
         )
     sub.unshard()
