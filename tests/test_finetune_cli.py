@@ -169,31 +169,42 @@ def test_plain_lora_mode_same_parameter_count(tmp_path):
     assert metrics["reload_ok"] and not [n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-")]
 
 
-def test_deepspeed_zero3_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+SHARDING_CHECKS = [
+    # (DeepSpeed stage or "fsdp", extra flags, error or None when the launch passes the check)
+    (3, [], None),  # ZeRO-3 trains GraLoRA (tests/test_distributed.py runs it)
+    (2, ["--load_in_4bit"], None),  # QGraLoRA with ZeRO-2: replicated bases
+    ("fsdp", [], None),
+    (3, ["--merge"], "--merge / --push_to_hub with DeepSpeed ZeRO-3"),
+    (3, ["--load_in_4bit"], "with DeepSpeed ZeRO-3 is not supported by this script"),
+    ("fsdp", ["--load_in_8bit"], "with FSDP is not supported by this script"),
+    ("fsdp+3", [], "--fsdp and --deepspeed both shard the model"),
+]
+
+
+@pytest.mark.parametrize("engine, flags, error", SHARDING_CHECKS)
+def test_sharding_flags_are_checked_before_the_model_loads(tmp_path, monkeypatch, engine, flags, error):
     from peft_gralora.finetune import train
 
     def no_model(*a, **k):
         raise AssertionError("must fail before loading anything")
 
     monkeypatch.setattr(train, "load_tokenizer", no_model)
-    cfg = tmp_path / "ds.json"
-    cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    with pytest.raises(ValueError, match="ZeRO-3 is not supported with GraLoRA"):
-        run(["--deepspeed", str(cfg), "--output_dir", str(tmp_path / "o")])
-    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    with pytest.raises(AssertionError, match="must fail before loading"):  # ZeRO-2 passes the check
-        run(["--deepspeed", str(cfg), "--output_dir", str(tmp_path / "o")])
+    argv = ["--output_dir", str(tmp_path / "o"), *flags]
+    if "fsdp" in str(engine):
+        argv.append("--fsdp")
+    stage = str(engine).removeprefix("fsdp").removeprefix("+")
+    if stage:
+        cfg = tmp_path / "ds.json"
+        cfg.write_text(json.dumps({"zero_optimization": {"stage": int(stage)}}))
+        argv += ["--deepspeed", str(cfg)]
+    with pytest.raises(ValueError if error else AssertionError, match=error or "must fail before loading"):
+        run(argv)
 
 
-def test_fsdp_launch_is_refused_for_gralora(tmp_path, monkeypatch):
+def test_accelerate_launch_environment_counts_as_sharding(tmp_path, monkeypatch):
     from peft_gralora.finetune import train
 
-    def no_model(*a, **k):
-        raise AssertionError("must fail before loading anything")
-
-    monkeypatch.setattr(train, "load_tokenizer", no_model)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="FSDP is not supported with GraLoRA"):
-        run(["--output_dir", str(tmp_path / "o")])
-    with pytest.raises(AssertionError, match="must fail before loading"):  # plain LoRA may use FSDP
-        run(["--output_dir", str(tmp_path / "o"), "--no-use_gralora"])
+    monkeypatch.setattr(train, "load_tokenizer", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # `accelerate launch --use_fsdp`
+    with pytest.raises(ValueError, match="with FSDP is not supported by this script"):
+        run(["--output_dir", str(tmp_path / "o"), "--load_in_4bit"])

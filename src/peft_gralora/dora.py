@@ -24,7 +24,7 @@ from torch import nn
 
 from .functional import gralora_forward
 from .quant import dequantize_base_weight
-from .variant import GraLoraLinearVariant, _transpose, adapter_weights, gralora_delta
+from .variant import GraLoraLinearVariant, _transpose, adapter_magnitude, adapter_weights, gralora_delta
 
 __all__ = ["GraLoraDoraLinearVariant", "GraLoraMagnitude"]
 
@@ -54,7 +54,7 @@ def _base_weight_oi(module: Any, dtype: torch.dtype | None = None) -> torch.Tens
 
 def _dora_factor(module: Any, adapter: str, norm: torch.Tensor) -> torch.Tensor:
     """``m / ||W + scaling * delta W||`` as a column ``(out, 1)`` for ``(out, in)`` weights."""
-    return (module.lora_magnitude_vector[adapter].weight.float() / norm).view(-1, 1)
+    return (adapter_magnitude(module, adapter).float() / norm).view(-1, 1)
 
 
 class GraLoraDoraLinearVariant(GraLoraLinearVariant):
@@ -134,7 +134,7 @@ class GraLoraDoraLinearVariant(GraLoraLinearVariant):
         with torch.no_grad():
             delta_oi = _transpose(gralora_delta(module, active_adapter, x.dtype), module.fan_in_fan_out)
             norm = _row_norm(weight_oi, delta_oi).to(x.dtype)
-        scale = module.lora_magnitude_vector[active_adapter].weight / norm  # (out,)
+        scale = adapter_magnitude(module, active_adapter) / norm  # (out,)
         if isinstance(dropout, nn.Identity) or not module.training:
             # reuse the base output W x (+ bias): no second pass over the (possibly quantized) weight
             bias = getattr(base, "bias", None)

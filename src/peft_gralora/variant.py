@@ -19,7 +19,7 @@ from .functional import (
     register_compile_ops,
 )
 
-__all__ = ["GraLoraLinearVariant", "adapter_weights", "gralora_delta", "is_gralora_adapter"]
+__all__ = ["GraLoraLinearVariant", "adapter_magnitude", "adapter_weights", "gralora_delta", "is_gralora_adapter"]
 
 # extra per-adapter attributes we keep on the host layer; peft deletes them with the adapter
 GRALORA_LAYER_ATTRS = ("gralora_k", "hybrid_r")
@@ -39,23 +39,38 @@ def _is_no_op(dropout: nn.Module) -> bool:
     return type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)
 
 
+def _full_weight(sub: Any, what: str, adapter_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """``sub.weight``, checked to be whole: ``shape`` is its full shape, ``-1`` where any size will do."""
+    weight = sub.weight
+    # one cheap check on the common path; shards (FSDP2 DTensors, FSDP1 / ZeRO-3 flat views) take the slow one
+    if type(weight) is nn.Parameter and weight.dim() == len(shape) and (shape[0] < 0 or weight.shape[0] == shape[0]):
+        return weight
+    from .integration.distributed import full_weight
+
+    return full_weight(sub, f"{what}[{adapter_name!r}]", shape)
+
+
 def adapter_weights(module: Any, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The adapter's ``lora_A.weight`` ``(r, in)`` and ``lora_B.weight`` ``(out, r)``, as GraLoRA reads them.
 
+    GraLoRA reads them blockwise instead of calling the ``lora_A`` / ``lora_B`` submodules, so an engine that gathers
+    a weight only when its own module is called would leave it partitioned: FSDP2 units around a single factor are
+    unsharded here (:mod:`peft_gralora.integration.distributed`); DeepSpeed ZeRO-3 gathers by itself in a forward.
+
     Raises:
-        RuntimeError: when the weights are partitioned. GraLoRA reads them blockwise instead of calling the
-            ``lora_A`` / ``lora_B`` submodules, so gather hooks that fire on a submodule's forward (DeepSpeed ZeRO-3,
-            FSDP units around a single LoRA Linear) never run and the weights would be empty shards.
+        RuntimeError: when a weight is partitioned and cannot be gathered here (an FSDP1 unit around a single
+            ``lora_A`` / ``lora_B``, a ZeRO-3 partition outside a forward), naming the engine and the fix.
     """
-    weight_A = module.lora_A[adapter_name].weight
-    weight_B = module.lora_B[adapter_name].weight
-    if weight_A.dim() != 2 or weight_B.dim() != 2 or weight_A.numel() == 0:
-        raise RuntimeError(
-            f"GraLoRA adapter {adapter_name!r} found partitioned LoRA weights (lora_A {tuple(weight_A.shape)}, "
-            f"lora_B {tuple(weight_B.shape)}): DeepSpeed ZeRO-3 and FSDP units around single lora_A / lora_B Linears "
-            "are not supported. Use DDP, DeepSpeed ZeRO-2, or FSDP that wraps whole decoder layers."
-        )
-    return weight_A, weight_B
+    return (
+        _full_weight(module.lora_A[adapter_name], "lora_A", adapter_name, (-1, -1)),
+        _full_weight(module.lora_B[adapter_name], "lora_B", adapter_name, (-1, -1)),
+    )
+
+
+def adapter_magnitude(module: Any, adapter_name: str) -> torch.Tensor:
+    """GraLoRA + DoRA's magnitude ``lora_magnitude_vector[adapter_name].weight`` ``(out,)``, unpartitioned."""
+    out = module.lora_B[adapter_name].out_features  # a 1-D shard has the right rank: check the length too
+    return _full_weight(module.lora_magnitude_vector[adapter_name], "lora_magnitude_vector", adapter_name, (out,))
 
 
 def _compute_factors(weight_A: torch.Tensor, weight_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

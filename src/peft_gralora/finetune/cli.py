@@ -173,7 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint folder, or 'auto' for the newest complete checkpoint in --output_dir (none: fresh start)",
     )
     g.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT_DIR/merged")
-    g.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (through accelerate; see the README)")
+    g.add_argument(
+        "--deepspeed",
+        default=None,
+        help="DeepSpeed JSON config, e.g. examples/deepspeed/ds_zero2.json or ds_zero3.json (see the README)",
+    )
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard with FSDP2 through the Trainer (decoder-layer units; GraLoRA's factors stay in them)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu or an accelerator type (upstream example's flag)")
 
     g = p.add_argument_group("after training")

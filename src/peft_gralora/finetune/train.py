@@ -151,13 +151,16 @@ def _loss_curve(log_history: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _outputs_match(model_a: Any, model_b: Any, batch: dict) -> float:
-    """Largest absolute difference of the two models' logits on ``batch``."""
+def _logits(model: Any, batch: dict) -> Any:
+    """The model's float logits on ``batch`` ``(batch, seq, vocab)``, without gradients."""
     import torch
 
     with torch.no_grad():
-        a = model_a(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        b = model_b(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def _max_diff(a: Any, b: Any, batch: dict) -> float:
+    """Largest absolute difference of two logits tensors over ``batch``'s real (unpadded) tokens."""
     mask = batch["attention_mask"].bool()
     return float((a - b).abs()[mask].max())
 
@@ -189,15 +192,16 @@ def _generate(model: Any, tokenizer: Any, record: dict, opts: TokenizeOptions, m
     return {"prompt": prompt_msgs[-1]["content"], "answer": answer, "reference": reference}
 
 
-def _refuse_sharded_adapters(args: Namespace) -> None:
-    """Refuse launchers that shard the adapter weights themselves: GraLoRA reads ``lora_A.weight`` / ``lora_B.weight``
-    directly instead of calling those submodules, so their gather-on-call hooks never run and it would see shards.
+def _sharding(args: Namespace) -> str | None:
+    """Which engine shards the weights: ``"fsdp"``, ``"zero3"``, ``"zero2"`` or None (DDP / one process).
 
-    That is DeepSpeed ZeRO-3, and FSDP through Trainer (peft's FSDP auto-wrap policy, which transformers applies to
-    every PEFT model, makes each ``lora_A`` / ``lora_B`` Linear its own FSDP unit).
+    GraLoRA trains under all of them (peft's FSDP wrap policy is made GraLoRA-aware by this package; ZeRO-3 gathers
+    the factors GraLoRA reads inside a forward). Checked before anything heavy loads.
+
+    Raises:
+        ValueError: an unreadable DeepSpeed config, ``--fsdp`` together with ``--deepspeed``, or a 4-/8-bit base with
+            FSDP / ZeRO-3 (see the README's "Scaling out").
     """
-    if not args.use_gralora:
-        return
     stage = None
     if args.deepspeed:
         try:
@@ -205,19 +209,40 @@ def _refuse_sharded_adapters(args: Namespace) -> None:
                 stage = json.load(fh).get("zero_optimization", {}).get("stage")
         except (OSError, ValueError) as err:
             raise ValueError(f"--deepspeed {args.deepspeed}: cannot read the DeepSpeed JSON config ({err})") from err
-    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        stage = 3
-    if str(stage) == "3":
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if fsdp and (args.deepspeed or stage is not None):
+        raise ValueError("--fsdp and --deepspeed both shard the model: choose one")
+    engine = "fsdp" if fsdp else {"3": "zero3", "2": "zero2"}.get(str(stage))
+    if engine == "zero3" and (args.merge or args.push_to_hub):
         raise ValueError(
-            "DeepSpeed ZeRO-3 is not supported with GraLoRA (the variant reads lora_A/lora_B weights directly, which "
-            "ZeRO-3 partitions away). Use ZeRO-2 or DDP, or --no-use_gralora for plain LoRA."
+            "--merge / --push_to_hub with DeepSpeed ZeRO-3: every model this script loads is partitioned then, so "
+            "rank 0 cannot merge or upload it alone. Train without them, then merge in one process: "
+            "PeftModel.from_pretrained(base, OUTPUT_DIR).merge_and_unload()."
         )
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if engine in ("fsdp", "zero3") and (args.load_in_4bit or args.load_in_8bit):
         raise ValueError(
-            "FSDP is not supported with GraLoRA in this script (Trainer wraps every lora_A/lora_B Linear as its own "
-            "FSDP unit, and the variant reads those weights without calling the submodules). Use DDP or DeepSpeed "
-            "ZeRO-2, or --no-use_gralora for plain LoRA."
+            f"--load_in_4bit / --load_in_8bit with {'FSDP' if fsdp else 'DeepSpeed ZeRO-3'} is not supported by this "
+            "script: bitsandbytes' quantized weights cannot be sharded here. Use DDP (torchrun / accelerate launch "
+            "--multi_gpu) or DeepSpeed ZeRO-2 for QGraLoRA."
         )
+    return engine
+
+
+def _fsdp_units(model: Any) -> list[str]:
+    """Names of the FSDP2 units in ``model`` ("" for the root): where the Trainer really sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+
+
+def _push_saved(folder: str, repo_id: str) -> None:
+    """Upload the adapter files written to ``folder`` (the trained model is sharded: push what was saved)."""
+    from huggingface_hub import HfApi
+
+    HfApi().upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=["adapter_*", "tokenizer*", "*.md"])
 
 
 def _has_accelerator() -> bool:
@@ -299,7 +324,7 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
         train_split=args.train_split,
         eval_split=args.eval_split,
     )
-    _refuse_sharded_adapters(args)
+    sharding = _sharding(args)
     model_dir, gguf_file = resolve_base_model(args.base_model, args.gguf_file)
     tokenizer = load_tokenizer(model_dir, gguf_file)
     opts = TokenizeOptions(
@@ -398,6 +423,9 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
         run_name=args.wandb_run_name,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         deepspeed=args.deepspeed,
+        # FSDP2; the Trainer wraps PEFT models with peft's auto-wrap policy, which this package makes GraLoRA-aware
+        fsdp=True if args.fsdp else None,
+        fsdp_config={"version": 2} if args.fsdp else None,
         # accelerate runs DDP over gloo only with use_cpu; on a machine without an accelerator that is the only choice
         use_cpu=args.device == "cpu" or (args.device == "auto" and not _has_accelerator()),
         ddp_find_unused_parameters=False if world_size > 1 else None,
@@ -459,23 +487,62 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
         metrics["eval_loss_after"] = heldout_loss(trainer.model, eval_ds, collator, args.micro_batch_size)
         _log(f"  eval_loss_after  = {metrics['eval_loss_after']:.4f}  (before {metrics['eval_loss_before']:.4f})")
 
-    # 5. every rank fingerprints its own adapter; a DDP run must end with identical weights everywhere
+    # 5. DDP / ZeRO-2: every rank fingerprints its own (full) adapter, which must be identical everywhere. FSDP /
+    # ZeRO-3 ranks hold shards: they save through the Trainer, which gathers the full adapter (a collective)
     model = trainer.model
-    fingerprint = adapter_fingerprint(model)
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list[Any] = [None] * world_size
-        torch.distributed.all_gather_object(gathered, fingerprint)
-        metrics["rank_adapter_sha256"] = gathered
-        metrics["ranks_in_sync"] = len(set(gathered)) == 1
+    sharded = sharding in ("fsdp", "zero3")
+    metrics["sharding"] = sharding
+    metrics["fsdp_units"] = _fsdp_units(trainer.model_wrapped)
+    if sharding == "fsdp" and not metrics["fsdp_units"]:
+        _log("note: --fsdp was asked, but accelerate did not shard the model (it runs FSDP on accelerators only): DDP")
+    if sharded:
+        metrics["rank_adapter_sha256"] = None
     else:
-        metrics["rank_adapter_sha256"] = [fingerprint]
+        fingerprint = adapter_fingerprint(model)
+        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * world_size
+            torch.distributed.all_gather_object(gathered, fingerprint)
+            metrics["rank_adapter_sha256"] = gathered
+            metrics["ranks_in_sync"] = len(set(gathered)) == 1
+        else:
+            metrics["rank_adapter_sha256"] = [fingerprint]
+    # the trained model's logits on a probe batch, with and without the adapter, for the reload check (a forward of a
+    # sharded model is a collective: every rank runs it)
+    model.eval()
+    probe = PadCollator(tokenizer.pad_token_id)((eval_ds.examples or train_ds.examples)[:2])
+    probe = {k: v.to(model.device) for k, v in probe.items()}
+    trained_logits = _logits(model, probe)
+    with trainer.accelerator.unwrap_model(model).disable_adapter():
+        base_logits = _logits(model, probe)
+    staging = os.path.join(args.output_dir, ".sharded-save")
+    from peft import PeftModel
+
+    trained_adapter = None
+    if sharded:
+        trainer.save_model(staging)  # every rank: the full state dict is gathered, rank 0 writes
+        trainer.accelerator.wait_for_everyone()
+    if sharding == "zero3":
+        # every model loaded now is partitioned by deepspeed.zero.Init, and rank 0 cannot run one alone: check the
+        # saved file against the trained adapter weights instead, gathered on every rank (small)
+        import deepspeed
+        from peft import get_peft_model_state_dict
+
+        unwrapped = trainer.accelerator.unwrap_model(model)
+        with deepspeed.zero.GatheredParameters([p for p in unwrapped.parameters() if p.requires_grad]):
+            trained_adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(unwrapped).items()}
     if not is_main:
         trainer.accelerator.wait_for_everyone()
         return metrics
 
     # 6. the final adapter and tokenizer, atomically
     def write_adapter(tmp: str) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if sharded:
+            for name in os.listdir(staging):
+                if name.startswith("adapter_") or name == "README.md":
+                    shutil.move(os.path.join(staging, name), os.path.join(tmp, name))
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
     atomic_save(args.output_dir, write_adapter)
@@ -489,45 +556,61 @@ def run(args: Namespace | Sequence[str] | dict | None = None, **overrides: Any) 
     metrics["loss_curve"] = plot_path
 
     # 7. reload into a fresh base: it must reproduce the trained model
-    from peft import PeftModel
-
-    model.eval()
-    probe = PadCollator(tokenizer.pad_token_id)((eval_ds.examples or train_ds.examples)[:2])
-    probe = {k: v.to(model.device) for k, v in probe.items()}
-    fresh = load_base()
-    reloaded = PeftModel.from_pretrained(fresh, args.output_dir).to(model.device).eval()
-    diff = _outputs_match(model, reloaded, probe)
-    with model.disable_adapter():
+    if trained_adapter is None:
+        fresh = load_base()
+        reloaded = PeftModel.from_pretrained(fresh, args.output_dir).to(model.device).eval()
+        reloaded_logits = _logits(reloaded, probe)
+        diff = _max_diff(trained_logits, reloaded_logits, probe)
         # how far the adapter moved the outputs: the reload check is only meaningful when this is not ~0
-        metrics["adapter_effect_max_abs"] = _outputs_match(model, reloaded, probe)
+        metrics["adapter_effect_max_abs"] = _max_diff(base_logits, reloaded_logits, probe)
+    else:
+        from safetensors.torch import load_file
+
+        fresh = reloaded = None
+        saved = load_file(os.path.join(args.output_dir, "adapter_model.safetensors"))
+        if sorted(saved) != sorted(trained_adapter):
+            raise RuntimeError(
+                f"the adapter saved under ZeRO-3 holds other tensors than the trained one: {sorted(saved)}"
+            )
+        diff = max(float((saved[k].float() - v.float()).abs().max()) for k, v in trained_adapter.items())
+        metrics["adapter_effect_max_abs"] = _max_diff(base_logits, trained_logits, probe)
     tol = 1e-3 if not (args.bf16 or args.fp16 or args.load_in_4bit or args.load_in_8bit) else 5e-2
     metrics["reload_max_abs_diff"] = diff
     metrics["reload_ok"] = bool(diff <= tol)
-    _log(f"reload check: max |logits(trained) - logits(reloaded)| = {diff:.2e} ({'OK' if diff <= tol else 'FAILED'})")
+    what = "saved - trained adapter tensors" if trained_adapter is not None else "logits(trained) - logits(reloaded)"
+    _log(f"reload check: max |{what}| = {diff:.2e} ({'OK' if diff <= tol else 'FAILED'})")
 
+    # the model that generates and is pushed: the trained one, or its reloaded copy when the trained one is sharded
+    # (generating on one rank is no collective). merge_and_unload merges into that copy: it still computes the same.
+    # Under ZeRO-3 there is no such copy (--merge / --push_to_hub are refused up front, generation is skipped)
+    served = reloaded if sharded else model
     if args.merge:
         merged = reloaded.merge_and_unload()
+        served = merged if sharded else model
         atomic_save(
             os.path.join(args.output_dir, "merged"),
             lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
         )
         metrics["merged_dir"] = os.path.join(args.output_dir, "merged")
         _log(f"saved merged model to {metrics['merged_dir']}")
-    del reloaded, fresh
 
     # 8. one held-out answer
-    if args.gen_max_new_tokens > 0:
+    if args.gen_max_new_tokens > 0 and sharding == "zero3":
+        _log("generation skipped: under ZeRO-3 every model is partitioned, and rank 0 generates alone")
+    elif args.gen_max_new_tokens > 0:
         sample_rec = (eval_recs or train_recs)[0]
         if "messages" in sample_rec:
-            model.config.use_cache = True
-            metrics["generation"] = _generate(model, tokenizer, sample_rec, opts, args.gen_max_new_tokens)
+            served.config.use_cache = True
+            metrics["generation"] = _generate(served, tokenizer, sample_rec, opts, args.gen_max_new_tokens)
             _log(
                 f"\nheld-out prompt:\n{metrics['generation']['prompt']}\n\nanswer after fine-tuning:\n"
                 f"{metrics['generation']['answer']}\n"
             )
 
     if args.push_to_hub:
-        model.push_to_hub(args.hub_model_id)
+        # the adapter, not a merged model: reloaded from output_dir when the trained model is sharded
+        model.push_to_hub(args.hub_model_id) if not sharded else _push_saved(args.output_dir, args.hub_model_id)
+    del reloaded, fresh
     metrics["wall_time_s"] = round(time.time() - wall_start, 2)
     _write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
     _log(

@@ -79,6 +79,10 @@ every peft module holding it          (``gralora_A`` / ``gralora_B`` keys) is co
 (transformers)                        is handed over converted (its ``adapter_state_dict`` argument)
 ``peft.tuners.lora.variants``         adds ``GraLoraLinearVariant`` / ``GraLoraDoraLinearVariant`` where peft keeps its
 ``.GraLoRa*LinearVariant`` (x2)       LoRA variants (removed by ``uninstall()``)
+``peft.utils.other``                  the FSDP auto-wrap policy transformers' Trainer applies to PEFT models makes
+``.fsdp_auto_wrap_policy``            every trainable Linear its own unit, which GraLoRA (reading the weights without
+                                      calling the module) would never unshard: keeps GraLoRA's factors in the
+                                      enclosing unit (:mod:`.distributed`); peft's policy unchanged otherwise
 ====================================  =================================================================================
 
 Outside :data:`SUPPORTED_PEFT` (or if installing fails), the import hook's :func:`auto_install` patches one point
@@ -103,6 +107,7 @@ from typing import Any
 from ..config import GRALORA_FIELDS
 from . import config as _config
 from . import diffusers as _diffusers
+from . import distributed as _distributed
 from . import helpers as _helpers
 from . import hotswap as _hotswap
 from . import layers as _layers
@@ -195,6 +200,7 @@ def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
         *_diffusers.patches(),
         *_loading.patches(),
         *_variants.patches(),
+        *_distributed.patches(),
     ]
 
 
