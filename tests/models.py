@@ -32,6 +32,23 @@ class TinyConv1DNet(nn.Module):
         return self.c1(torch.relu(self.c0(x)))
 
 
+def mlp_config(**kwargs):
+    """A GraLoRA ``LoraConfig`` for :class:`TinyMLP` (r=4, alpha=8, k=2, random non-zero init); ``kwargs`` override."""
+    from peft import LoraConfig
+
+    base = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["lin0", "lin1"],
+        use_gralora=True,
+        gralora_k=2,
+        hybrid_r=0,
+        init_lora_weights=False,
+    )
+    base.update(kwargs)
+    return LoraConfig(**base)
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A 2-layer Llama with hidden size 32 (every projection divisible by k in 1..4)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -19,24 +19,13 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
 
 from peft_gralora.functional import gralora_fit_factors
-from tests.models import TinyMLP
+from tests.models import TinyMLP, mlp_config
 from tests.reference import dense_delta
 
 X = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(1))
 
 
-def config(**kwargs) -> LoraConfig:
-    base = dict(
-        r=4,
-        lora_alpha=8,
-        target_modules=["lin0", "lin1"],
-        use_gralora=True,
-        gralora_k=2,
-        hybrid_r=0,
-        init_lora_weights=False,
-    )
-    base.update(kwargs)
-    return LoraConfig(**base)
+config = mlp_config
 
 
 # name -> the adapter's config; the tiny model's layers are 16 -> 24 and 24 -> 8

@@ -14,24 +14,14 @@ from peft import LoHaConfig, LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import loftq_utils
 
-from tests.models import TinyMLP
+from tests.models import TinyMLP, mlp_config
 from tests.reference import dense_delta
 
 X = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(1))
 
 
 def config(**kwargs) -> LoraConfig:
-    base = dict(
-        r=4,
-        lora_alpha=8,
-        target_modules=["lin0", "lin1"],
-        use_gralora=True,
-        gralora_k=2,
-        hybrid_r=2,
-        init_lora_weights=False,
-    )
-    base.update(kwargs)
-    return LoraConfig(**base)
+    return mlp_config(**{"hybrid_r": 2, **kwargs})
 
 
 def lora_weights(model) -> dict[str, torch.Tensor]:

@@ -17,24 +17,13 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import merge_utils
 from peft.utils.other import ModulesToSaveWrapper
 
-from tests.models import TinyConv1DNet, TinyMLP, tiny_llama
+from tests.models import TinyConv1DNet, TinyMLP, mlp_config, tiny_llama
 from tests.reference import dense_delta
 
 X = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(1))
 
 
-def config(**kwargs) -> LoraConfig:
-    base = dict(
-        r=4,
-        lora_alpha=8,
-        target_modules=["lin0", "lin1"],
-        use_gralora=True,
-        gralora_k=2,
-        hybrid_r=0,
-        init_lora_weights=False,
-    )
-    base.update(kwargs)
-    return LoraConfig(**base)
+config = mlp_config
 
 
 def lora_layers(model) -> dict[str, LoraLayer]:
