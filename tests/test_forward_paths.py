@@ -197,3 +197,16 @@ def test_result_of_the_wrong_width_is_not_read_through_the_kernel():
         torch.testing.assert_close(gralora_add_forward(column, x, weight_A, weight_B, 2, 0, 1.0), column + expected)
         with pytest.raises(RuntimeError):
             gralora_add_forward(torch.zeros(1, 8, dtype=torch.float64), x, weight_A, weight_B, 2, 0, 1.0)
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (1, 1), (1, 1, 1)])
+@pytest.mark.parametrize("mem", MEMORY)
+def test_one_token_keeps_the_result_shape_on_every_layout(lead, mem):
+    """Decode (one token) on the inference kernel: the fused add returns ``result``'s own shape for any leading dims
+    and any memory layout of ``result`` (the kernel reads a non-contiguous result through a 2-D copy)."""
+    case = (2, 2, 0, 3, 2, list(lead), ("contiguous", "contiguous", "contiguous", mem))
+    (x, weight_A, weight_B, result), (x_l, a_l, b_l, result_l) = _inputs(*case)
+    with torch.no_grad():
+        added = gralora_add_forward(result_l, x_l, a_l, b_l, 2, 0, 0.5)
+    assert added.shape == result.shape == (*lead, 4)
+    torch.testing.assert_close(added, result + 0.5 * dense_output(x, weight_A, weight_B, 2, 0), **TOL)

@@ -197,12 +197,12 @@ def _grid_no_grad(
         torch.bmm(u, b_t, out=y.view(n_tok, k, m).transpose(0, 1))  # (k_i, N, m): output block i, in place
         return y
     if result.is_contiguous():
-        rr, rc = out_features, 1
+        result2, rr, rc = result, out_features, 1
     else:
-        result, _, rr, rc = _rows(result)
-    r_b = result.as_strided((k, n_tok, m), (m * rc, rr, rc))  # (k_i, N, m): output block i of result
-    if n_tok == 1:
-        return torch.baddbmm(r_b, u, b_t, alpha=scaling).view(out_shape)
+        result2, _, rr, rc = _rows(result)
+    r_b = result2.as_strided((k, n_tok, m), (m * rc, rr, rc))  # (k_i, N, m): output block i of result
+    if n_tok == 1:  # result has out_shape (checked by the caller); view_as is cheaper than view(shape)
+        return torch.baddbmm(r_b, u, b_t, alpha=scaling).view_as(result)
     y = u.new_empty(out_shape)
     torch.baddbmm(r_b, u, b_t, alpha=scaling, out=y.view(n_tok, k, m).transpose(0, 1))  # result + scaling * u b_t
     return y
@@ -484,9 +484,12 @@ def gralora_add_forward(
     g = _checked_rank(weight_A, weight_B, k, hybrid_r)
     _check_input(x, weight_A)
     if (
-        not (torch.is_grad_enabled() and _any_requires_grad(result, x, weight_A, weight_B))
-        and g == weight_A.shape[0]
+        g == weight_A.shape[0]
         and bias_B is None
+        and not (
+            torch.is_grad_enabled()
+            and (result.requires_grad or x.requires_grad or weight_A.requires_grad or weight_B.requires_grad)
+        )
         and not torch.compiler.is_compiling()
         and not _needs_plain_ops(x)
         and result.dtype == x.dtype == weight_A.dtype == weight_B.dtype
