@@ -36,9 +36,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import random
 import statistics
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="base weights (bf16 under autocast)")
     p.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder (default: SmolLM2-135M)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument(
+        "--workers", type=int, default=1, help="runs trained at once in forked processes (1: in this process)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--name", default=None, help="result file stem (default: quality_epochs[_quick])")
     p.add_argument("--resume", action="store_true", help="skip runs already in the output JSON")
@@ -262,6 +267,15 @@ def load_model(args: argparse.Namespace):
     return base.to(args.device), tokenizer
 
 
+_SHARED: dict[str, Any] = {}  # what forked workers read: the base model, the data, the arguments
+
+
+def _run_in_worker(key: tuple[str, int, int, float]) -> dict[str, Any]:
+    shared = _SHARED
+    torch.set_num_threads(shared["args"].threads)
+    return train_run(shared["base"], *key, shared["train"], shared["test"], shared["pad_id"], shared["args"])
+
+
 def main(argv: list[str] | None = None, *, base=None, tokenizer=None) -> dict[str, Any]:
     """Runs the grid and the sweep. ``base`` and ``tokenizer`` replace the default model (tests pass tiny ones)."""
     from peft_gralora.finetune.data import build_builtin_dataset
@@ -306,25 +320,44 @@ def main(argv: list[str] | None = None, *, base=None, tokenizer=None) -> dict[st
     last_plot = time.perf_counter()
     print(f"[quality-epochs] zero-shot held-out loss {zero_shot['loss']:.4f} acc {zero_shot['token_acc']:.4f}")
     print(f"[quality-epochs] {len(train)} train examples, {per_epoch} steps/epoch, {total} steps", flush=True)
-    while True:
-        done = {run_key(x["method"], x["r"], x["seed"], x["lr"]) for x in runs}
-        todo = [key for key in plan(args, best_lrs(runs, args)) if key not in done]
-        if not todo:
-            break
-        method, r, seed, lr = todo[0]
-        res = train_run(base, method, r, seed, lr, train, test, pad_id, args)
-        runs.append(res)
-        payload["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
-        # the plot costs a second or two: redrawn after a run only every minute (a long sweep's plot stays current,
-        # a tiny test sweep draws it once), the JSON and table after every run
-        replot = time.perf_counter() - last_plot > 60
-        write(payload, path, args, replot=replot)
-        last_plot = time.perf_counter() if replot else last_plot
-        print(
-            f"[quality-epochs] {method} r={r} seed={seed} lr={lr:g}: held-out {final_loss(res):.4f} "
-            f"({res['seconds']:.0f}s; {len(todo) - 1} runs planned so far left)",
-            flush=True,
-        )
+    pending: dict[Any, tuple[str, int, int, float]] = {}  # future -> run key, with --workers > 1
+    pool = None
+    if args.workers > 1:
+        # forked workers inherit the base model and the data; each trains whole runs, the parent writes the JSON
+        _SHARED.update(base=base, train=train, test=test, pad_id=pad_id, args=args)
+        pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        while True:
+            done = {run_key(x["method"], x["r"], x["seed"], x["lr"]) for x in runs}
+            in_flight = set(pending.values())
+            todo = [key for key in plan(args, best_lrs(runs, args)) if key not in done and key not in in_flight]
+            if pool is None:
+                if not todo:
+                    break
+                finished = [(todo[0], train_run(base, *todo[0], train, test, pad_id, args))]
+            else:
+                for key in todo[: args.workers - len(pending)]:
+                    pending[pool.submit(_run_in_worker, key)] = key
+                if not pending:
+                    break
+                ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+                finished = [(pending.pop(f), f.result()) for f in ready]
+            for (method, r, seed, lr), res in finished:
+                runs.append(res)
+                payload["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                # the plot costs a second or two: redrawn after a run only every minute (a long sweep's plot stays
+                # current, a tiny test sweep draws it once), the JSON and table after every run
+                replot = time.perf_counter() - last_plot > 60
+                write(payload, path, args, replot=replot)
+                last_plot = time.perf_counter() if replot else last_plot
+                print(
+                    f"[quality-epochs] {method} r={r} seed={seed} lr={lr:g}: held-out {final_loss(res):.4f} "
+                    f"({res['seconds']:.0f}s; {len(todo) + len(pending) - 1} runs planned so far left)",
+                    flush=True,
+                )
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     payload["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
     write(payload, path, args)
     return payload

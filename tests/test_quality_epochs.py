@@ -118,7 +118,8 @@ def test_a_cut_short_sweep_resumes_to_the_uninterrupted_numbers(tmp_path, monkey
     assert len(saved["runs"]) == 3
     calls.clear()
     monkeypatch.setattr(quality_epochs, "train_run", real_run)
-    resumed = run_epochs(tmp_path / "cut", extra + ["--resume"])
+    # the rest in two forked workers: the same numbers as in this process
+    resumed = run_epochs(tmp_path / "cut", extra + ["--resume", "--workers", "2"])
     assert len(resumed["runs"]) == 6
     by_key = {(x["method"], x["r"], x["seed"], x["lr"]): x["epochs"] for x in whole["runs"]}
     for x in resumed["runs"]:
