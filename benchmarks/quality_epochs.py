@@ -22,10 +22,13 @@ the grid is reported in full so the choice can be checked.
     python -m benchmarks.quality --epochs 3 --resume         # the full grid + sweep, run by run into the JSON
     python -m benchmarks.quality --epochs 3 --device cuda --dtype bfloat16 [--model /path/to/hf-model]
 
-Cost on the 2-core CPU (2 torch threads, bf16 autocast, max 128 tokens): one optimizer step of batch 8 takes about
-2.6 s on an idle machine, so one 3-epoch run (93 steps + 3 evaluations) about 4.3 min, and the 24 runs of the full
-mode (9 grid + 15 sweep) about 105 min idle; see the JSON's ``elapsed_s`` and each run's ``train_seconds`` for what
-a run really took (the machine is shared, so wall times there include other jobs' load).
+Cost, measured on the 2-core CPU (bf16 autocast, max 128 tokens, batch 8): idle, 2 torch threads, one optimizer step
+takes 2.6 s, so one 3-epoch run of the full mode (93 steps + 3 evaluations) about 4.5 min and its 24 runs (9 grid +
+15 sweep) about 110 min. Shared with other jobs (load 4-9) two OpenMP threads stall at every barrier (a step took over
+25 s); one thread per run does 7-8 s a step alone, and ``--workers 2 --threads 1`` trains two runs at once (7-16 min an
+epoch each at that load, so the full mode takes 6-8 hours there). ``--quick`` took 34.7 min wall at load 4-5 with one
+thread, 10.9 min of CPU time (about its idle one-thread wall time). Each run's ``seconds`` and the JSON's
+``elapsed_s`` say what a run really took.
 
 Every finished run is written to the JSON (and its table and plot) at once; ``--resume`` skips runs already there and
 refuses a JSON made with other settings.
@@ -80,7 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--name", default=None, help="result file stem (default: quality_epochs[_quick])")
     p.add_argument("--resume", action="store_true", help="skip runs already in the output JSON")
+    p.add_argument("--render", action="store_true", help="only rewrite the table and plot from the output JSON")
     args = p.parse_args(argv)
+    if args.render:
+        args.resume = True
     if args.epochs < 1:
         p.error("--epochs must be at least 1")
     args.ranks = _ints(args.ranks or ("16,128" if args.quick else "16,64,128"))
@@ -293,6 +299,11 @@ def main(argv: list[str] | None = None, *, base=None, tokenizer=None) -> dict[st
             "rerun with those settings or write elsewhere (--out/--name)"
         )
     runs: list[dict[str, Any]] = previous["runs"] if previous else []
+    if args.render:
+        if previous is None:
+            raise SystemExit(f"--render: no {path} to render")
+        write(previous, path, args)
+        return previous
 
     if base is None:
         base, tokenizer = load_model(args)
@@ -479,12 +490,15 @@ def markdown(payload: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|" + "---|" * (n_epochs + 2),
         ]
         for row in payload["table"]:
-            cells = " | ".join(f"{e['eval_loss']:.4f} +- {e['eval_loss_spread']:.4f}" for e in row["epochs"])
+            one = len(row["seeds"]) == 1  # no spread to show
+            cells = " | ".join(
+                f"{e['eval_loss']:.4f}" + ("" if one else f" +- {e['eval_loss_spread']:.4f}") for e in row["epochs"]
+            )
             last = row["epochs"][-1]
+            acc = f"{last['eval_token_acc']:.4f}" + ("" if one else f" +- {last['eval_token_acc_spread']:.4f}")
             lines.append(
                 f"| {row['method']} | {row['r']} | {row['k'] or '-'} | {row['hybrid_r']} | {row['lr']:g} | "
-                f"{','.join(map(str, row['seeds']))} | {cells} | {last['eval_token_acc']:.4f} +- "
-                f"{last['eval_token_acc_spread']:.4f} | {last['train_loss']:.4f} |"
+                f"{','.join(map(str, row['seeds']))} | {cells} | {acc} | {last['train_loss']:.4f} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -131,10 +131,18 @@ def test_a_cut_short_sweep_resumes_to_the_uninterrupted_numbers(tmp_path, monkey
     assert resumed["best_lr"] == whole["best_lr"]
 
 
-def test_resume_refuses_other_settings(tmp_path):
-    run_epochs(tmp_path, ["--lrs", "1e-3", "--methods", "lora", "--ranks", "8", "--seeds", "0"])
+def test_resume_refuses_other_settings_and_render_rewrites_the_table(tmp_path):
+    with pytest.raises(SystemExit, match="no .* to render"):
+        run_epochs(tmp_path, ["--render"])
+    one = ["--lrs", "1e-3", "--methods", "lora", "--ranks", "8", "--seeds", "0"]
+    first = run_epochs(tmp_path, one)
     with pytest.raises(SystemExit, match="other settings"):
         run_epochs(tmp_path, ["--lrs", "2e-3", "--methods", "lora", "--ranks", "8", "--seeds", "0", "--resume"])
+    md = tmp_path / "quality_epochs.md"
+    text = md.read_text()
+    md.unlink()
+    rendered = quality_epochs.main(ARGS + ["--out", str(tmp_path), "--render"] + one)  # no model: nothing trains
+    assert rendered["runs"] == first["runs"] and md.read_text() == text
 
 
 @pytest.mark.parametrize(
