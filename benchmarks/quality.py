@@ -15,6 +15,9 @@ is dropped to save tokens) and the targets are the implementation + EOS.
     python -m benchmarks.quality             # ranks 8/16/32/64/128, 2 seeds, 20 steps: 46.9 min measured
 
 Every finished run is written to the JSON at once; ``--resume`` skips runs already there.
+
+``--epochs N`` switches to the multi-epoch mode (several epochs, a learning-rate grid per method, then the rank sweep;
+see ``benchmarks/quality_epochs.py``): ``python -m benchmarks.quality --epochs 3 [--quick] [--resume]``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -195,6 +199,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from .model import load_smollm2, load_smollm2_tokenizer
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--epochs" or a.startswith("--epochs=") for a in argv):
+        from . import quality_epochs  # the multi-epoch mode: learning-rate grid, then the rank sweep
+
+        return quality_epochs.main(argv)
     args = parse_args(argv)
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
