@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,13 +259,16 @@ def _pattern_value(patterns: dict[str, Any] | None, module_key: str, default: An
     return default
 
 
-def _split_modules(
-    tensors: dict[str, torch.Tensor], suffixes: dict[str, str], segment: re.Pattern, kind: str
+def _group_by_module(
+    tensors: dict[str, torch.Tensor],
+    suffixes: dict[str, str],
+    is_adapter_key: Callable[[str], bool],
+    unknown: Callable[[str], str],
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Group adapter tensors by module name; everything else (modules_to_save, base biases) is returned as is.
+    """``{module: {part: tensor}}`` for keys ending in one of ``suffixes`` (``part -> suffix``), and the other keys.
 
     Raises:
-        AdapterConversionError: on adapter keys this converter does not know (DoRA magnitudes, embeddings, ...).
+        AdapterConversionError: with ``unknown(key)`` for a key that ``is_adapter_key`` claims but no suffix matches.
     """
     modules: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
@@ -275,12 +278,29 @@ def _split_modules(
                 modules.setdefault(key[: -len(suffix)], {})[part] = tensor
                 break
         else:
-            if segment.search(key):
-                raise AdapterConversionError(
-                    f"Unsupported weight {key!r} in a {kind} adapter: only {sorted(suffixes.values())} are "
-                    "understood (embedding adapters and other LoRA options cannot be converted)."
-                )
+            if is_adapter_key(key):
+                raise AdapterConversionError(unknown(key))
             rest[key] = tensor
+    return modules, rest
+
+
+def _split_modules(
+    tensors: dict[str, torch.Tensor], suffixes: dict[str, str], segment: re.Pattern, kind: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Group adapter tensors by module name; everything else (modules_to_save, base biases) is returned as is.
+
+    Raises:
+        AdapterConversionError: on adapter keys this converter does not know (DoRA magnitudes, embeddings, ...).
+    """
+    modules, rest = _group_by_module(
+        tensors,
+        suffixes,
+        lambda key: segment.search(key) is not None,
+        lambda key: (
+            f"Unsupported weight {key!r} in a {kind} adapter: only {sorted(suffixes.values())} are "
+            "understood (embedding adapters and other LoRA options cannot be converted)."
+        ),
+    )
     for name, parts in modules.items():
         if "A" not in parts or "B" not in parts:
             raise AdapterConversionError(
@@ -549,20 +569,15 @@ def fork_to_variant_state_dict(
             'GraLoRA + DoRA. To load what the fork computed, set "use_dora": false in its adapter_config.json.'
         )
     suffixes = {**_UPSTREAM_KEYS, **_FORK_DEAD_KEYS}
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    rest: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        for part, suffix in suffixes.items():
-            if key.endswith(suffix):
-                modules.setdefault(key[: -len(suffix)], {})[part] = tensor
-                break
-        else:
-            if _FORK_SEGMENT.search(key) or _VARIANT_SEGMENT.search(key):
-                raise AdapterConversionError(
-                    f"Unsupported weight {key!r} in an adapter saved by the GraLoRA PEFT fork: only "
-                    f"{sorted(suffixes.values())} are understood per module."
-                )
-            rest[key] = tensor
+    modules, rest = _group_by_module(
+        tensors,
+        suffixes,
+        lambda key: bool(_FORK_SEGMENT.search(key) or _VARIANT_SEGMENT.search(key)),
+        lambda key: (
+            f"Unsupported weight {key!r} in an adapter saved by the GraLoRA PEFT fork: only "
+            f"{sorted(suffixes.values())} are understood per module."
+        ),
+    )
     ours = sorted(name for name, parts in modules.items() if not parts.keys() & _UPSTREAM_KEYS.keys())
     if ours:
         raise AdapterConversionError(
