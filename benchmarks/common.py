@@ -16,6 +16,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,27 @@ METHODS = ("lora", "gralora", "upstream")
 # a busy shared machine does not inflate with the time other processes hold the core; meaningful with 1 thread)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = {"name": "wall"}
+
+
+# the dtypes the benchmarks take on their command lines (--dtype)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def child_json(code: str, tag: str, env: dict[str, str] | None = None) -> Any:
+    """Run ``code`` in a fresh interpreter at the repository root; return the JSON it printed after ``TAG=``.
+
+    A fresh process per measurement keeps peak RSS and compile caches from leaking between methods.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+    )
+    prefix = f"{tag}="
+    return json.loads([x for x in proc.stdout.splitlines() if x.startswith(prefix)][-1][len(prefix) :])
 
 
 def set_clock(name: str) -> None:

@@ -11,8 +11,6 @@ import copy
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 
 from .common import (
     METHODS,
+    child_json,
     interleaved_times,
     now,
     peak_alloc_bytes,
@@ -237,15 +236,7 @@ def rss_compare(name: str, r: int, k: int, batch: int, seq: int, threads: int, l
             "import json, sys; from benchmarks.model import rss_child; "
             f"print('RSS=' + json.dumps(rss_child({name!r}, {m!r}, {r}, {k}, {batch}, {seq}, {threads})))"
         )
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent.parent,
-            check=True,
-        )
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RSS=")][-1]
-        out[m] = json.loads(line[4:])
+        out[m] = child_json(code, "RSS")
     for m in ("gralora", "upstream"):
         out[f"step_peak {m}/lora"] = out[m]["step_peak_kib"] / out["lora"]["step_peak_kib"]
         out[f"peak_rss {m}/lora"] = out[m]["peak_rss_kib"] / out["lora"]["peak_rss_kib"]

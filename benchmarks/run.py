@@ -23,10 +23,9 @@ import torch
 from . import layer as layer_bench
 from . import model as model_bench
 from . import startup as startup_bench
-from .common import RESULTS_DIR, environment, set_clock, write_json
+from .common import DTYPES, RESULTS_DIR, environment, set_clock, write_json
 
 PARTS = ("layer", "model", "startup")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODELS = ("smollm2-135m", "wide-tiny-llama")
 
 

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 
 from .common import (
+    DTYPES,
     RESULTS_DIR,
+    child_json,
     environment,
     interleaved_times,
     peft_config,
@@ -37,7 +39,6 @@ from .common import (
 from .common import write_json as _write_json
 
 PARTS = ("decode", "mixed", "prefill", "step", "compiled")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT, NEW_TOKENS, PREFILL, STEP_BATCH, STEP_SEQ = 16, 64, 512, 2, 128
 
 
@@ -166,10 +167,7 @@ def compile_times(methods: list[str], r: int, k: int, device: str, dtype: str, t
     """:func:`compile_child` for each method, each in its own interpreter and inductor cache folder (no method
     profits from kernels another one compiled)."""
     import os
-    import subprocess
-    import sys
     import tempfile
-    from pathlib import Path
 
     out = {}
     for m in methods:
@@ -179,15 +177,7 @@ def compile_times(methods: list[str], r: int, k: int, device: str, dtype: str, t
                 "import json; from benchmarks.serving import compile_child; "
                 f"print('COMPILE=' + json.dumps(compile_child({m!r}, {r}, {k}, {device!r}, {dtype!r}, {threads})))"
             )
-            proc = subprocess.run(
-                [sys.executable, "-c", code],
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=Path(__file__).resolve().parent.parent,
-                check=True,
-            )
-        out[m] = json.loads([x for x in proc.stdout.splitlines() if x.startswith("COMPILE=")][-1][8:])
+            out[m] = child_json(code, "COMPILE", env)
     return out
 
 
