@@ -280,6 +280,10 @@ BROKEN = {
         rf"'{DOWN}'.*not the fork's layout",
     ),
     "use_dora": (lambda p: _edit_config(p, use_dora=True), "use_dora"),
+    "unknown adapter key": (
+        lambda p: _edit_tensors(p, lambda t: t.update({f"{DOWN}.lora_magnitude_vector": torch.ones(HIDDEN)})),
+        rf"Unsupported weight '{DOWN}.lora_magnitude_vector'.*saved by the GraLoRA PEFT fork",
+    ),
     # with init_lora_weights=True the fork's lora_B is zero for good: a trained one came from somewhere else
     "trained lora_B in a fork module": (
         lambda p: _edit_config(p, init_lora_weights=True),
