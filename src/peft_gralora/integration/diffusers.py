@@ -33,11 +33,12 @@ import functools
 import importlib.util
 import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .._post_import import PostImportFinder
 from ..config import GRALORA_FIELDS
 
 __all__ = ["patches", "deferred_modules", "register_deferred", "unregister_deferred", "gralora_metadata_of"]
@@ -426,82 +427,37 @@ def deferred_modules() -> list[str]:
     return [name for name in _MARKERS if not _loaded(name)]
 
 
-class _LoaderThenPatch:
-    """Runs a module's own loader, then hands the finished module's rows to ``apply``."""
-
-    def __init__(self, loader: Any, apply: Callable[[list], None]) -> None:
-        self._loader = loader
-        self._apply = apply
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
-
-    def create_module(self, spec: Any) -> Any:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        self._loader.exec_module(module)
-        module.__loader__ = self._loader
-        if module.__spec__ is not None:
-            module.__spec__.loader = self._loader
-        _Finder.pending.discard(module.__name__)
-        if not _Finder.pending:
-            unregister_deferred()
-        self._apply(_module_rows(module.__name__))
-
-
-class _Finder:
-    """``sys.meta_path`` finder answering only for the pending diffusers loader modules."""
-
-    pending: set[str] = set()
-    apply: Callable[[list], None] | None = None
-    _searching = False
-
-    def find_spec(self, fullname: str, path: Iterable[str] | None = None, target: Any = None) -> Any:
-        if fullname not in self.pending or type(self)._searching:
-            return None
-        type(self)._searching = True
-        try:
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                        spec.loader = _LoaderThenPatch(spec.loader, type(self).apply)
-                    return spec
-            return None
-        finally:
-            type(self)._searching = False
+# the post-import finder of the loader modules still pending, and what applies their rows (None when none is)
+_finder: PostImportFinder | None = None
 
 
 def _apply_finished() -> None:
     """Apply the rows of pending modules that finished executing without the finder seeing them (a module that was
     already executing when GraLoRA was installed: only possible if it imported peft first)."""
-    finished = [name for name in _Finder.pending if _loaded(name)]
-    apply = _Finder.apply
+    finder = _finder
+    if finder is None:
+        return
+    finished = [name for name in finder.names if _loaded(name)]
     for name in finished:
-        _Finder.pending.discard(name)
-    if finished and not _Finder.pending:
-        unregister_deferred()
+        finder.executing(name)
     for name in finished:
-        if apply is not None:
-            apply(_module_rows(name))
+        finder.callback(sys.modules[name])
 
 
 def register_deferred(apply: Callable[[list], None]) -> None:
     """Apply the rows of each diffusers loader module not imported yet, through ``apply``, once it is imported."""
+    global _finder
     pending = deferred_modules()
     if not pending or importlib.util.find_spec("diffusers") is None:
         return
-    _Finder.pending = set(pending)
-    _Finder.apply = apply
-    if not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
+    unregister_deferred()
+    _finder = PostImportFinder(pending, lambda module: apply(_module_rows(module.__name__)))
+    _finder.register()
 
 
 def unregister_deferred() -> None:
     """Remove the post-import finder (nothing is applied to diffusers modules imported later)."""
-    _Finder.pending = set()
-    _Finder.apply = None
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Finder)]
+    global _finder
+    if _finder is not None:
+        _finder.unregister()
+        _finder = None
