@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["peft_targets", "bnb_targets", "adds"]
+__all__ = ["peft_targets", "bnb_targets", "modules_binding", "adds"]
 
 
 def peft_targets() -> dict[str, Any]:
@@ -43,3 +43,24 @@ def adds(value: Any) -> Callable[[Any], Any]:
 
     make.adds_attribute = True
     return make
+
+
+def modules_binding(defining_module: str, name: str) -> list[Any]:
+    """``defining_module`` (imported if need be) and every loaded peft module whose namespace binds the same function
+    under ``name`` (each imported it by name, so patching the defining module alone would miss their callers).
+
+    While installed a binding is our wrapper; it is matched through its ``__wrapped__`` (``functools.wraps``).
+    """
+    import importlib
+    import sys
+
+    owner = importlib.import_module(defining_module)
+    target = owner.__dict__[name]
+    target = getattr(target, "__wrapped__", target)
+    found = [owner]
+    for module_name in sorted(n for n in list(sys.modules) if n == "peft" or n.startswith("peft.")):
+        module = sys.modules[module_name]
+        held = getattr(module, "__dict__", {}).get(name)
+        if module is not owner and held is not None and getattr(held, "__wrapped__", held) is target:
+            found.append(module)
+    return found

@@ -138,45 +138,36 @@ def _make_subtract_mutated_init(original: Callable) -> Callable:
     return subtract_mutated_init
 
 
-def _bindings(name: str, modules: list[str]) -> list[Any]:
-    """The modules (of ``modules``) that hold the same function object as the first one under ``name``."""
-    import importlib
-
-    owners = [importlib.import_module(m) for m in modules]
-    target = owners[0].__dict__[name]
-    return [m for m in owners if m.__dict__.get(name) is target]
-
-
 def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for every module that binds a refused helper (users import
     them from ``peft``, ``peft.utils``, ``peft.optimizers``, ...)."""
-    from ._targets import peft_targets
+    from ._targets import modules_binding, peft_targets
 
     rows: list[tuple[Any, str, Callable[[Any], Any]]] = []
     table = [
         (
             "replace_lora_weights_loftq",
-            ["peft.utils.loftq_utils", "peft.utils", "peft"],
+            "peft.utils.loftq_utils",
             _make_replace_lora_weights_loftq,
         ),
-        ("reduce_intruder_dimension", ["peft.tuners.lora.intruders"], _make_reduce_intruder_dimension),
+        ("reduce_intruder_dimension", "peft.tuners.lora.intruders", _make_reduce_intruder_dimension),
         (
             "create_lorafa_optimizer",
-            ["peft.optimizers.lorafa", "peft.optimizers"],
+            "peft.optimizers.lorafa",
             _make_optimizer_factory("create_lorafa_optimizer"),
         ),
         (
             "create_riemannian_optimizer",
-            ["peft.optimizers.riemannian", "peft.optimizers"],
+            "peft.optimizers.riemannian",
             _make_optimizer_factory("create_riemannian_optimizer"),
         ),
         (
             "create_arrow_model",
-            ["peft.tuners.lora.arrow", "peft.tuners.lora", "peft.tuners", "peft"],
+            "peft.tuners.lora.arrow",
             _make_create_arrow_model,
         ),
     ]
-    for name, modules, make in table:
-        rows.extend((owner, name, make) for owner in _bindings(name, modules))
+    for name, defining, make in table:
+        rows.extend((owner, name, make) for owner in modules_binding(defining, name))
     rows.append((peft_targets()["LoraModel"], "subtract_mutated_init", _make_subtract_mutated_init))
     return rows

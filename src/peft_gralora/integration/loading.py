@@ -26,11 +26,11 @@ import functools
 import inspect
 import logging
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from ..convert import AdapterConversionError, fork_to_variant_state_dict, has_fork_layout
+from ._targets import modules_binding
 from .model import _remove_injected
 
 __all__ = ["patches", "convert_fork_state_dict"]
@@ -101,7 +101,6 @@ def _make_set_peft_model_state_dict(original: Callable) -> Callable:
         state_dict = convert_fork_state_dict(config, peft_model_state_dict, adapter_name)
         return original(model, state_dict, adapter_name, *args, **kwargs)
 
-    set_peft_model_state_dict.gralora_original = original
     return set_peft_model_state_dict
 
 
@@ -217,24 +216,12 @@ def _make_load_adapter(original: Callable) -> Callable:
     return load_adapter
 
 
-def _modules_holding(function: Callable) -> list[Any]:
-    """peft's modules whose namespace holds peft's ``function`` (each imported it by name), or our wrapper of it."""
-    original = getattr(function, "gralora_original", function)
-    found = []
-    for module_name in sorted(name for name in list(sys.modules) if name == "peft" or name.startswith("peft.")):
-        held = getattr(sys.modules[module_name], "__dict__", {}).get(original.__name__)
-        if held is not None and getattr(held, "gralora_original", held) is original:
-            found.append(sys.modules[module_name])
-    return found
-
-
 def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for adapter loading."""
     from peft import PeftModel
-    from peft.utils import save_and_load
     from transformers.integrations.peft import PeftAdapterMixin
 
-    holders = _modules_holding(save_and_load.set_peft_model_state_dict)
+    holders = modules_binding("peft.utils.save_and_load", "set_peft_model_state_dict")
     return [
         *[(module, "set_peft_model_state_dict", _make_set_peft_model_state_dict) for module in holders],
         (PeftModel, "load_adapter", _make_peft_load_adapter),
