@@ -6,6 +6,7 @@ The README's "peft helpers" table points at these tests. Adapters have random B 
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import peft
 import pytest
@@ -80,6 +81,11 @@ def _lorafa(model, via):
     return via(model, r=4, lora_alpha=8, lr=1e-3)
 
 
+NEEDS_RIEMANNIAN = pytest.mark.skipif(
+    importlib.util.find_spec("peft.optimizers.riemannian") is None, reason="this peft has no Riemannian optimizer"
+)
+
+
 def _riemannian(model, via):
     return via(model, torch.optim.AdamW, lr=1e-3)
 
@@ -97,6 +103,7 @@ REFUSED = [
         lambda m: _riemannian(m, peft.optimizers.create_riemannian_optimizer),
         "create_riemannian_optimizer",
         id="riemannian",
+        marks=NEEDS_RIEMANNIAN,
     ),
 ]
 
@@ -125,6 +132,7 @@ def test_loftq_plain_lora_reaches_peft():
     assert "GraLoRA" not in str(info.value)
 
 
+@NEEDS_RIEMANNIAN
 def test_optimizers_ignore_frozen_gralora_adapters():
     # a frozen GraLoRA adapter next to a trained plain LoRA one is not what the optimizer preconditions
     model = get_peft_model(TinyMLP(), config(), adapter_name="gralora")

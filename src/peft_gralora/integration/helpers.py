@@ -141,6 +141,8 @@ def _make_subtract_mutated_init(original: Callable) -> Callable:
 def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     """``(owner, attribute, make_replacement(original))`` for every module that binds a refused helper (users import
     them from ``peft``, ``peft.utils``, ``peft.optimizers``, ...)."""
+    import importlib.util
+
     from ._targets import modules_binding, peft_targets
 
     rows: list[tuple[Any, str, Callable[[Any], Any]]] = []
@@ -168,6 +170,8 @@ def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
         ),
     ]
     for name, defining, make in table:
-        rows.extend((owner, name, make) for owner in modules_binding(defining, name))
+        # a helper this peft does not have yet (peft 0.20 has no Riemannian optimizer) has nothing to refuse
+        if importlib.util.find_spec(defining) is not None:
+            rows.extend((owner, name, make) for owner in modules_binding(defining, name))
     rows.append((peft_targets()["LoraModel"], "subtract_mutated_init", _make_subtract_mutated_init))
     return rows
