@@ -461,3 +461,34 @@ def test_k1_is_plain_lora(case):
         assert_close(gralora(x), plain(x), case)
     for name, layer in lora_layers(gralora).items():
         assert_close(layer.get_delta_weight("default"), lora_layers(plain)[name].get_delta_weight("default"), case)
+
+
+class _Scaled(nn.Module):
+    """A parametrization: the weight seen by the layer is ``factor * original``."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.factor * weight
+
+
+@pytest.mark.parametrize("which", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_parametrized_adapter_weight_is_read_through_the_parametrization(which, grad):
+    """A weight under ``torch.nn.utils.parametrize`` is not a registered parameter (``_parameters``, which the forward
+    reads directly for speed): the forward must use the parametrized value, not the original or nothing."""
+    from torch.nn.utils import parametrize
+
+    case = Case(2, hybrid=True, bias=True)
+    model, base = build(case)
+    x = case.input()
+    with torch.no_grad():
+        before = model(x)
+    for layer in lora_layers(model).values():
+        parametrize.register_parametrization(getattr(layer, which)["default"], "weight", _Scaled(-3.0))
+    with torch.set_grad_enabled(grad):
+        out = model(x)
+    assert not torch.allclose(out, before)
+    assert_close(out, reference(base, x, factors(model)), case)

@@ -84,6 +84,14 @@ def gralora_shape(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid
     Raises:
         ValueError: if the factors do not form a valid GraLoRA adapter for this ``k`` and ``hybrid_r``.
     """
+    _gralora_rank(weight_A, weight_B, k, hybrid_r)
+    r, in_features = weight_A.shape
+    return GraloraShape(in_features, weight_B.shape[0], r, k, hybrid_r)
+
+
+def _gralora_rank(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid_r: int) -> int:
+    """:func:`gralora_shape`'s check, returning the GraLoRA rank ``g`` alone: plain integers only, so that dynamo
+    traces it in a few bytecodes (no dataclass is built while compiling)."""
     if weight_A.dim() != 2 or weight_B.dim() != 2 or weight_A.shape[0] != weight_B.shape[1]:
         raise ValueError(
             f"GraLoRA factors must be weight_A (r, in) and weight_B (out, r), got {tuple(weight_A.shape)} and "
@@ -97,7 +105,7 @@ def gralora_shape(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid
             f"out_features={out_features}. Need k >= 1, 0 <= hybrid_r < r, (r - hybrid_r) % k == 0 and both "
             "feature sizes divisible by k."
         )
-    return GraloraShape(in_features, out_features, r, k, hybrid_r)
+    return r - hybrid_r
 
 
 def _blocks(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -369,11 +377,11 @@ _RANKS: dict[tuple, int] = {}  # (shape_A, shape_B, k, hybrid_r) -> g, for shape
 def _checked_rank(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid_r: int) -> int:
     """:func:`gralora_shape`'s check and ``g``, computed once per distinct shape: it depends on nothing else."""
     if torch.compiler.is_compiling():  # traced once into the graph's guards: free at run time
-        return gralora_shape(weight_A, weight_B, k, hybrid_r).g
+        return _gralora_rank(weight_A, weight_B, k, hybrid_r)
     key = (weight_A.shape, weight_B.shape, k, hybrid_r)
     g = _RANKS.get(key)
     if g is None:
-        g = gralora_shape(weight_A, weight_B, k, hybrid_r).g  # raises for invalid adapters: never cached
+        g = _gralora_rank(weight_A, weight_B, k, hybrid_r)  # raises for invalid adapters: never cached
         if len(_RANKS) >= 4096:
             _RANKS.clear()
         _RANKS[key] = g
@@ -481,23 +489,48 @@ def gralora_add_forward(
     Returns:
         Tensor of shape ``(..., out)``.
     """
+    if torch.compiler.is_compiling():
+        return _compiled_add_forward(result, x, weight_A, weight_B, k, hybrid_r, scaling, bias_B)
     g = _checked_rank(weight_A, weight_B, k, hybrid_r)
     _check_input(x, weight_A)
+    # cheapest tests first: at one token each of them costs a noticeable share of the call
     if (
-        g == weight_A.shape[0]
-        and bias_B is None
+        bias_B is None
+        and g == weight_A.shape[0]
         and not (
             torch.is_grad_enabled()
             and (result.requires_grad or x.requires_grad or weight_A.requires_grad or weight_B.requires_grad)
         )
-        and not torch.compiler.is_compiling()
-        and not _needs_plain_ops(x)
         and result.dtype == x.dtype == weight_A.dtype == weight_B.dtype
-        and result.shape[:-1] == x.shape[:-1]
-        and result.shape[-1] == weight_B.shape[0]
+        and not _needs_plain_ops(x)
+        and result.shape == (*x.shape[:-1], weight_B.shape[0])
     ):
         return _grid_no_grad(x, weight_A, weight_B, k, result, scaling)  # (..., out)
     return result + gralora_forward(x, weight_A, weight_B, k, hybrid_r, bias_B) * scaling
+
+
+def _compiled_add_forward(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    k: int,
+    hybrid_r: int,
+    scaling: float,
+    bias_B: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`gralora_add_forward` while dynamo traces: the same checks and math in the fewest Python bytecodes, as
+    tracing our Python is most of what a warm compile spends on an adapter. ``(..., in) -> (..., out)``."""
+    g = _gralora_rank(weight_A, weight_B, k, hybrid_r)
+    _check_input(x, weight_A)
+    x2 = x.reshape(-1, weight_A.shape[1])  # (N, in)
+    if COMPILE_OPS and not torch.is_autocast_enabled(x.device.type):
+        y = COMPILE_OPS[0](x2, weight_A, weight_B, k, g)[0]  # (N, out)
+    else:
+        y = _gralora_composed(x2, weight_A, weight_B, k, g)
+    if bias_B is not None:
+        y = y + bias_B
+    return result + y.view(*x.shape[:-1], weight_B.shape[0]) * scaling
 
 
 def gralora_delta_weight(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid_r: int) -> torch.Tensor:

@@ -41,7 +41,11 @@ def _is_no_op(dropout: nn.Module) -> bool:
 
 def _full_weight(sub: Any, what: str, adapter_name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """``sub.weight``, checked to be whole: ``shape`` is its full shape, ``-1`` where any size will do."""
-    weight = sub.weight
+    # the registered parameter, read without nn.Module.__getattr__ (a decode step is all such overhead); a weight
+    # that is not a registered parameter (a parametrization, a property) goes through the attribute
+    weight = sub._parameters.get("weight")
+    if weight is None:
+        weight = sub.weight
     # one cheap check on the common path; shards (FSDP2 DTensors, FSDP1 / ZeRO-3 flat views) take the slow one
     if type(weight) is nn.Parameter and weight.dim() == len(shape) and (shape[0] < 0 or weight.shape[0] == shape[0]):
         return weight
@@ -61,9 +65,10 @@ def adapter_weights(module: Any, adapter_name: str) -> tuple[torch.Tensor, torch
         RuntimeError: when a weight is partitioned and cannot be gathered here (an FSDP1 unit around a single
             ``lora_A`` / ``lora_B``, a ZeRO-3 partition outside a forward), naming the engine and the fix.
     """
+    modules = module._modules  # module.lora_A[name] without two Python-level __getattr__ / __getitem__ calls
     return (
-        _full_weight(module.lora_A[adapter_name], "lora_A", adapter_name, (-1, -1)),
-        _full_weight(module.lora_B[adapter_name], "lora_B", adapter_name, (-1, -1)),
+        _full_weight(modules["lora_A"]._modules[adapter_name], "lora_A", adapter_name, (-1, -1)),
+        _full_weight(modules["lora_B"]._modules[adapter_name], "lora_B", adapter_name, (-1, -1)),
     )
 
 
@@ -174,10 +179,11 @@ class GraLoraLinearVariant:
     ) -> torch.Tensor:
         """``result + scaling * GraLoRA(dropout(x))``; ``x`` is ``(..., in)``, ``result`` is ``(..., out)``."""
         weight_A, weight_B = adapter_weights(module, active_adapter)
-        dropout = module.lora_dropout[active_adapter]
+        dropout = module._modules["lora_dropout"]._modules[active_adapter]  # module.lora_dropout[name], faster
         if not _is_no_op(dropout):  # a module call costs as much as a GEMM at one token
             x = dropout(x)
-        x = module._cast_input_dtype(x, weight_A.dtype)
+        if x.dtype != weight_A.dtype:
+            x = module._cast_input_dtype(x, weight_A.dtype)
         # lora_B has a bias exactly when lora_bias is set (peft's merge relies on the same flag); skip the lookup
         bias = module.lora_B[active_adapter].bias if module.lora_bias[active_adapter] else None
         return gralora_add_forward(
