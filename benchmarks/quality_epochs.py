@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None, *, base=None, tokenizer=None) -> dict[st
                 finished = [(pending.pop(f), f.result()) for f in ready]
             for (method, r, seed, lr), res in finished:
                 runs.append(res)
+                done.add(run_key(method, r, seed, lr))
+                left = sum(key not in done for key in plan(args, best_lrs(runs, args)))  # in flight included
                 payload["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
                 # the plot costs a second or two: redrawn after a run only every minute (a long sweep's plot stays
                 # current, a tiny test sweep draws it once), the JSON and table after every run
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None, *, base=None, tokenizer=None) -> dict[st
                 last_plot = time.perf_counter() if replot else last_plot
                 print(
                     f"[quality-epochs] {method} r={r} seed={seed} lr={lr:g}: held-out {final_loss(res):.4f} "
-                    f"({res['seconds']:.0f}s; {len(todo) + len(pending) - 1} runs planned so far left)",
+                    f"({res['seconds']:.0f}s; {left} runs planned so far left)",
                     flush=True,
                 )
     finally:
