@@ -92,13 +92,14 @@ def gralora_shape(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid
 def _gralora_rank(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid_r: int) -> int:
     """:func:`gralora_shape`'s check, returning the GraLoRA rank ``g`` alone: plain integers only, so that dynamo
     traces it in a few bytecodes (no dataclass is built while compiling)."""
-    if weight_A.dim() != 2 or weight_B.dim() != 2 or weight_A.shape[0] != weight_B.shape[1]:
+    shape_A, shape_B = weight_A.shape, weight_B.shape
+    if len(shape_A) != 2 or len(shape_B) != 2 or shape_A[0] != shape_B[1]:
         raise ValueError(
-            f"GraLoRA factors must be weight_A (r, in) and weight_B (out, r), got {tuple(weight_A.shape)} and "
-            f"{tuple(weight_B.shape)}."
+            f"GraLoRA factors must be weight_A (r, in) and weight_B (out, r), got {tuple(shape_A)} and "
+            f"{tuple(shape_B)}."
         )
-    r, in_features = weight_A.shape
-    out_features = weight_B.shape[0]
+    r, in_features = shape_A
+    out_features = shape_B[0]
     if k < 1 or not 0 <= hybrid_r < r or (r - hybrid_r) % k or in_features % k or out_features % k:
         raise ValueError(
             f"Invalid GraLoRA adapter: r={r}, gralora_k={k}, hybrid_r={hybrid_r}, in_features={in_features}, "
@@ -367,7 +368,9 @@ def register_compile_ops() -> list:
         )
         backward_op.register_fake(_fused_backward_fake)
         forward_op.register_autograd(_fused_op_backward, setup_context=_fused_op_setup_context)
-        COMPILE_OPS[:] = [forward_op, backward_op]
+        # the OpOverloads themselves: dynamo puts them in the graph in one step, where it would trace the Python
+        # wrapper of a CustomOpDef call line by line
+        COMPILE_OPS[:] = [torch.ops.peft_gralora.fused_forward.default, torch.ops.peft_gralora.fused_backward.default]
     return COMPILE_OPS
 
 

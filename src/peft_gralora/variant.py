@@ -66,9 +66,15 @@ def adapter_weights(module: Any, adapter_name: str) -> tuple[torch.Tensor, torch
             ``lora_A`` / ``lora_B``, a ZeRO-3 partition outside a forward), naming the engine and the fix.
     """
     modules = module._modules  # module.lora_A[name] without two Python-level __getattr__ / __getitem__ calls
+    sub_A, sub_B = modules["lora_A"]._modules[adapter_name], modules["lora_B"]._modules[adapter_name]
+    # the registered parameters, read without nn.Module.__getattr__; one cheap test on the common path (shards:
+    # FSDP2 DTensors, FSDP1 / ZeRO-3 1-D views; weights that are not registered parameters: the checked path)
+    weight_A, weight_B = sub_A._parameters.get("weight"), sub_B._parameters.get("weight")
+    if type(weight_A) is nn.Parameter and type(weight_B) is nn.Parameter and weight_A.dim() == weight_B.dim() == 2:
+        return weight_A, weight_B
     return (
-        _full_weight(modules["lora_A"]._modules[adapter_name], "lora_A", adapter_name, (-1, -1)),
-        _full_weight(modules["lora_B"]._modules[adapter_name], "lora_B", adapter_name, (-1, -1)),
+        _full_weight(sub_A, "lora_A", adapter_name, (-1, -1)),
+        _full_weight(sub_B, "lora_B", adapter_name, (-1, -1)),
     )
 
 
