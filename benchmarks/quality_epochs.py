@@ -26,9 +26,10 @@ Cost, measured on the 2-core CPU (bf16 autocast, max 128 tokens, batch 8): idle,
 takes 2.6 s, so one 3-epoch run of the full mode (93 steps + 3 evaluations) about 4.5 min and its 24 runs (9 grid +
 15 sweep) about 110 min. Shared with other jobs (load 4-9) two OpenMP threads stall at every barrier (a step took over
 25 s); one thread per run does 7-8 s a step alone, and ``--workers 2 --threads 1`` trains two runs at once (7-16 min an
-epoch each at that load, so the full mode takes 6-8 hours there). ``--quick`` took 34.7 min wall at load 4-5 with one
-thread, 10.9 min of CPU time (about its idle one-thread wall time). Each run's ``seconds`` and the JSON's
-``elapsed_s`` say what a run really took.
+epoch each at that load, so the full mode takes 6-8 hours there); on the quiet machine the same two-at-once runs took
+6.5-7.6 min each. ``--quick`` with its defaults (2 threads, one run at a time) took 5.8 min wall on the quiet machine
+(34.7 min at load 4-5 with one thread). Each run's ``seconds`` and the JSON's ``elapsed_s`` say what a run really
+took.
 
 Every finished run is written to the JSON (and its table and plot) at once; ``--resume`` skips runs already there and
 refuses a JSON made with other settings.
