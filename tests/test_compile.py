@@ -162,7 +162,7 @@ def test_functional_forward_compiles_with_or_without_the_custom_ops(monkeypatch,
 @pytest.mark.parametrize("mode", ["custom op", "plain ops", "autocast"])
 @pytest.mark.parametrize("h", [0, 2])
 def test_compiled_add_forward_matches_the_block_formula(monkeypatch, mode, h):
-    """The compile-only path of ``gralora_add_forward`` (bias, hybrid, autocast) against the dense formula, with
+    """``gralora_add_forward`` as dynamo traces it (bias, hybrid, autocast) against the dense formula, with
     gradients for every operand; an invalid adapter is refused while tracing, as in eager mode."""
     from peft_gralora import functional
     from tests.reference import dense_output

@@ -492,8 +492,8 @@ def gralora_add_forward(
     Returns:
         Tensor of shape ``(..., out)``.
     """
-    if torch.compiler.is_compiling():
-        return _compiled_add_forward(result, x, weight_A, weight_B, k, hybrid_r, scaling, bias_B)
+    if torch.compiler.is_compiling():  # the fused add below is eager-only: dynamo skips tracing its tests
+        return result + gralora_forward(x, weight_A, weight_B, k, hybrid_r, bias_B) * scaling
     g = _checked_rank(weight_A, weight_B, k, hybrid_r)
     _check_input(x, weight_A)
     # cheapest tests first: at one token each of them costs a noticeable share of the call
@@ -510,30 +510,6 @@ def gralora_add_forward(
     ):
         return _grid_no_grad(x, weight_A, weight_B, k, result, scaling)  # (..., out)
     return result + gralora_forward(x, weight_A, weight_B, k, hybrid_r, bias_B) * scaling
-
-
-def _compiled_add_forward(
-    result: torch.Tensor,
-    x: torch.Tensor,
-    weight_A: torch.Tensor,
-    weight_B: torch.Tensor,
-    k: int,
-    hybrid_r: int,
-    scaling: float,
-    bias_B: torch.Tensor | None,
-) -> torch.Tensor:
-    """:func:`gralora_add_forward` while dynamo traces: the same checks and math in the fewest Python bytecodes, as
-    tracing our Python is most of what a warm compile spends on an adapter. ``(..., in) -> (..., out)``."""
-    g = _gralora_rank(weight_A, weight_B, k, hybrid_r)
-    _check_input(x, weight_A)
-    x2 = x.reshape(-1, weight_A.shape[1])  # (N, in)
-    if COMPILE_OPS and not torch.is_autocast_enabled(x.device.type):
-        y = COMPILE_OPS[0](x2, weight_A, weight_B, k, g)[0]  # (N, out)
-    else:
-        y = _gralora_composed(x2, weight_A, weight_B, k, g)
-    if bias_B is not None:
-        y = y + bias_B
-    return result + y.view(*x.shape[:-1], weight_B.shape[0]) * scaling
 
 
 def gralora_delta_weight(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, hybrid_r: int) -> torch.Tensor:
