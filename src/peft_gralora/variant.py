@@ -18,6 +18,7 @@ from .functional import (
     init_gralora_A_,
     register_compile_ops,
 )
+from .sharding import full_weight
 
 __all__ = ["GraLoraLinearVariant", "adapter_magnitude", "adapter_weights", "gralora_delta", "is_gralora_adapter"]
 
@@ -49,8 +50,6 @@ def _full_weight(sub: Any, what: str, adapter_name: str, shape: tuple[int, ...])
     # one cheap check on the common path; shards (FSDP2 DTensors, FSDP1 / ZeRO-3 flat views) take the slow one
     if type(weight) is nn.Parameter and weight.dim() == len(shape) and (shape[0] < 0 or weight.shape[0] == shape[0]):
         return weight
-    from .integration.distributed import full_weight
-
     return full_weight(sub, f"{what}[{adapter_name!r}]", shape)
 
 
@@ -59,7 +58,7 @@ def adapter_weights(module: Any, adapter_name: str) -> tuple[torch.Tensor, torch
 
     GraLoRA reads them blockwise instead of calling the ``lora_A`` / ``lora_B`` submodules, so an engine that gathers
     a weight only when its own module is called would leave it partitioned: FSDP2 units around a single factor are
-    unsharded here (:mod:`peft_gralora.integration.distributed`); DeepSpeed ZeRO-3 gathers by itself in a forward.
+    unsharded here (:mod:`peft_gralora.sharding`); DeepSpeed ZeRO-3 gathers by itself in a forward.
 
     Raises:
         RuntimeError: when a weight is partitioned and cannot be gathered here (an FSDP1 unit around a single

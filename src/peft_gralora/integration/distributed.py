@@ -10,10 +10,11 @@ gathers a parameter only when *its* module is called therefore never gathers the
   nothing but GraLoRA factors would have had a unit of its own, it is plainly
   ``partial(transformer_auto_wrap_policy, transformer_layer_cls=...)`` with peft's decoder-layer classes: accelerate's
   FSDP2 path understands that form and shards layer by layer, where it makes the whole model one unit for peft's.
-- **FSDP2** units around a factor module that exist anyway (``fully_shard(lora_A)``): :func:`full_weight` unshards the
-  unit with FSDP2's public ``unshard()``, copies the weight (differentiably: the gradient still reaches the unsharded
-  parameter, which the root's post-backward callback reduce-scatters) and reshards it at once, so the unit never
-  holds a full weight that an optimizer step could leave stale.
+- **FSDP2** units around a factor module that exist anyway (``fully_shard(lora_A)``):
+  :func:`peft_gralora.sharding.full_weight` unshards the unit with FSDP2's public ``unshard()``, copies the weight
+  (differentiably: the gradient still reaches the unsharded parameter, which the root's post-backward callback
+  reduce-scatters) and reshards it at once, so the unit never holds a full weight that an optimizer step could leave
+  stale.
 - **DeepSpeed ZeRO-3** gathers a partitioned parameter that is read inside a forward by itself (its
   ``ZeROOrderedDict`` registers it as an external parameter of the running module), so it needs nothing here.
 - Everything else that is still partitioned when read (FSDP1 units around a factor, a shard read outside any
@@ -26,8 +27,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
+
+from ..sharding import full_weight
 
 __all__ = ["patches", "full_weight", "gralora_factor_modules"]
 
@@ -107,85 +109,3 @@ def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     from peft.utils import other as peft_other
 
     return [(peft_other, "fsdp_auto_wrap_policy", _make_fsdp_auto_wrap_policy)]
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def _fsdp2_full_weight(sub: nn.Module, what: str) -> torch.Tensor:
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(sub, FSDPModule):
-        raise RuntimeError(
-            f"{what} is an FSDP2 shard (DTensor) read outside the forward of the FSDP unit that holds it. GraLoRA "
-            "can only read it inside that unit's forward (or its own fully_shard unit); call unshard() on the "
-            "enclosing unit first, or read a full state dict."
-        )
-    if getattr(sub, "bias", None) is not None:
-        raise RuntimeError(
-            f"{what}: a GraLoRA factor with a bias (lora_bias=True) in its own FSDP2 unit is not supported. Leave "
-            "lora_A / lora_B out of fully_shard (shard whole decoder layers) or use lora_bias=False."
-        )
-    # the gradient reaches the shard only through the root's post-backward callback: a unit that no FSDP2 root ran
-    # around (its lazy init marks every unit below it) would leave the factor untrained without a word
-    if getattr(sub._get_fsdp_state(), "_is_root", None) is not False:
-        raise RuntimeError(
-            f"{what} is its own FSDP2 unit, but no enclosing FSDP2 module has run it: GraLoRA reads the weight "
-            "without calling the module, so its gradient is reduce-scattered only by an enclosing root's backward. "
-            "fully_shard the model (the root) as well, or leave lora_A / lora_B out of fully_shard."
-        )
-    sub.unshard()
-    try:
-        # a copy, so the unit can reshard now; autograd still sends the gradient to the unsharded parameter, which
-        # the root's post-backward callback reduce-scatters into the shard
-        weight = sub.weight.clone()
-    finally:
-        sub.reshard()
-    return weight
-
-
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join("n" if n < 0 else str(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-def full_weight(sub: nn.Module, what: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """``sub.weight`` as a full (unpartitioned) tensor of ``shape``, or a clear error.
-
-    The slow path of :func:`peft_gralora.variant.adapter_weights`, taken only when the weight is not a plain
-    ``nn.Parameter`` of the expected shape.
-
-    Args:
-        sub: the factor module (``lora_A[name]``, ``lora_B[name]``, ``lora_magnitude_vector[name]``).
-        what: its name for error messages, e.g. ``"lora_A['default']"``.
-        shape: the full weight's shape, ``-1`` for sizes not checked: ``(-1, -1)`` for the factors (their shards are
-            1-D), ``(out,)`` for the magnitude.
-
-    Raises:
-        RuntimeError: the weight is partitioned and cannot be gathered here (FSDP1 unit around the factor, a ZeRO-3
-            partition read outside a forward, an FSDP2 shard outside its unit's forward), naming the fix.
-    """
-    weight = sub.weight
-    if _is_dtensor(weight):
-        return _fsdp2_full_weight(sub, what)
-    if weight.dim() == len(shape) and all(n < 0 or n == got for n, got in zip(shape, weight.shape, strict=True)):
-        return weight  # a plain tensor (functional_call, a tensor subclass) that is whole
-    if hasattr(weight, "ds_id"):
-        raise RuntimeError(
-            f"{what} is a DeepSpeed ZeRO-3 partition (shape {tuple(weight.shape)}) read outside a forward. ZeRO-3 "
-            "gathers it only inside a forward; wrap this call in "
-            "deepspeed.zero.GatheredParameters(model.parameters()) (e.g. to merge or export), or save the adapter "
-            "from the engine's consolidated 16-bit state dict."
-        )
-    is_fsdp1 = type(sub).__name__ == "FullyShardedDataParallel"
-    raise RuntimeError(
-        f"GraLoRA found {what} partitioned (shape {tuple(weight.shape)}, expected {_shape_text(shape)})"
-        + (": it is its own FSDP1 unit" if is_fsdp1 else "")
-        + ". GraLoRA reads the weight without calling the module, so a unit around the module alone never gathers "
-        "it. Wrap with peft's fsdp_auto_wrap_policy as patched by peft-gralora (it keeps GraLoRA's lora_A / lora_B "
-        "in the decoder layer's unit), or wrap whole decoder layers, or use FSDP2 / DeepSpeed."
-    )
