@@ -1,9 +1,12 @@
-"""``peft-gralora``: command-line access to the adapter conversions in :mod:`peft_gralora.convert`.
+"""``peft-gralora``: command-line access to the adapter conversions in :mod:`peft_gralora.convert` and to the
+fine-tuning run of :mod:`peft_gralora.finetune`.
 
     peft-gralora export-lora SRC DST             GraLoRA adapter -> exactly equivalent plain LoRA adapter
     peft-gralora convert SRC DST --to upstream   LoraConfig(use_gralora=True) adapter -> upstream GraloraConfig
     peft-gralora convert SRC DST --to variant    upstream GraloraConfig or GraLoRA-fork adapter -> our layout
     peft-gralora info DIR [--json]               what an adapter directory holds
+    peft-gralora finetune [FLAGS]                fine-tune with GraLoRA: the flags and defaults of
+                                                 example_gralora_finetuning.py (peft-gralora finetune --help)
 
 Exit status 0 on success; on failure 1 and a one-line ``peft-gralora: error: ...`` on stderr (2 for usage errors).
 """
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 __all__ = ["main", "build_parser"]
 
 PROG = "peft-gralora"
+FINETUNE = "finetune"
 
 
 def _add_io(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``peft-gralora`` (three subcommands, each with ``--help``)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Convert and inspect GraLoRA adapter directories (no base model needed).",
+        description="Convert and inspect GraLoRA adapter directories (no base model needed); fine-tune with GraLoRA.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -78,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("dir", metavar="DIR", help="adapter directory")
     info.add_argument("--json", action="store_true", help="print the full information as JSON")
     _add_allow_bin(info)
+
+    # listed here for the overview; `main` hands everything after the word to the fine-tuning parser itself
+    sub.add_parser(
+        FINETUNE,
+        help="fine-tune a causal LM with GraLoRA (the flags of example_gralora_finetuning.py; "
+        f"{PROG} {FINETUNE} --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -101,6 +113,12 @@ def _print_info(info: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``peft-gralora``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [FINETUNE]:
+        # the fine-tuning run parses its own flags (same parser, same defaults as example_gralora_finetuning.py)
+        from .finetune import main as finetune_main
+
+        return finetune_main(argv[1:], prog=f"{PROG} {FINETUNE}")
     args = build_parser().parse_args(argv)
     # imported after parsing: --help must not pay for torch
     from .convert import adapter_info, convert_adapter, export_lora

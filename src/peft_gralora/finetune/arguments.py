@@ -1,4 +1,5 @@
-"""Command line of the fine-tuning example.
+"""Command-line flags of the fine-tuning run (``example_gralora_finetuning.py``, ``python -m peft_gralora.finetune``,
+``peft-gralora finetune``): the parser, and the defaults that depend on other flags.
 
 Accepts the flags of the GraLoRA authors' ``finetune_code.py`` and of upstream peft's
 ``examples/gralora_finetuning/gralora_finetuning.py`` (aliases such as ``--gralora_r``, ``--eval_step``), so their
@@ -13,10 +14,12 @@ from typing import Any
 
 from .data import BUILTIN
 
-__all__ = ["build_parser", "parse_args", "main", "BUILTIN_MAX_STEPS"]
+__all__ = ["build_parser", "parse_args", "BUILTIN_MAX_STEPS", "SCRIPT_NAME", "method_label"]
 
 # sized for the offline CPU demo (SmolLM2-135M, 2 cores, < 10 minutes in all); user data trains --num_epochs
 BUILTIN_MAX_STEPS = 16
+# the program name in --help and in usage errors, unless the entry point names itself
+SCRIPT_NAME = "example_gralora_finetuning.py"
 
 
 def _bool(text: str) -> bool:
@@ -28,9 +31,10 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = SCRIPT_NAME) -> argparse.ArgumentParser:
+    """The fine-tuning flags, with the GraLoRA authors' and upstream peft's spellings as aliases."""
     p = argparse.ArgumentParser(
-        prog="example_gralora_finetuning.py",
+        prog=prog,
         description=(
             "Fine-tune a causal LM with GraLoRA (LoraConfig(use_gralora=True)). With no arguments: SmolLM2-135M-"
             "Instruct (embedded GGUF) on the built-in stdlib code dataset, offline, on CPU, in a few minutes."
@@ -231,9 +235,9 @@ def _finish(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
     return args
 
 
-def parse_args(argv: Sequence[str] | None = None, **overrides: Any) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, *, prog: str = SCRIPT_NAME, **overrides: Any) -> argparse.Namespace:
     """Parse a command line (``sys.argv[1:]`` when None); keyword overrides replace parsed values."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     for key, value in overrides.items():
         if not hasattr(args, key):
@@ -242,9 +246,6 @@ def parse_args(argv: Sequence[str] | None = None, **overrides: Any) -> argparse.
     return _finish(args, parser)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: parse, run, print where the results went."""
-    from .train import run
-
-    metrics = run(parse_args(argv))
-    return 0 if metrics.get("reload_ok", True) else 1
+def method_label(args: argparse.Namespace) -> str:
+    """How the adapter of a parsed command line is named in logs and plots."""
+    return f"GraLoRA (k={args.gralora_k}, hybrid_r={args.hybrid_r})" if args.use_gralora else "plain LoRA"
