@@ -16,15 +16,15 @@ is dropped to save tokens) and the targets are the implementation + EOS.
 
 Every finished run is written to the JSON at once; ``--resume`` skips runs already there.
 
-``--epochs N`` switches to the multi-epoch mode (several epochs, a learning-rate grid per method, then the rank sweep;
-see ``benchmarks/quality_epochs.py``): ``python -m benchmarks.quality --epochs 3 [--quick] [--resume]``.
+The multi-epoch benchmark (several epochs, a learning-rate grid per method, then the rank sweep) is its own entry
+point: ``python -m benchmarks.quality_epochs --epochs 3 [--quick] [--resume]``; ``python -m benchmarks.quality
+--epochs N ...`` forwards to it. Helpers both use are in ``benchmarks/quality_common.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 import sys
@@ -33,66 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .common import RESULTS_DIR, environment
-
-IGNORE = -100
-METHODS = ("lora", "gralora", "hybrid")
-# the built-in data's parameters, pinned: the library's defaults may change, and comparable runs need the same data
-DATA_KWARGS = {"max_chars": 900, "held_out_percent": 10}
-
-
-def k_for_rank(r: int) -> int:
-    """The paper's recommendation: k = 2 for r <= 32, 4 above."""
-    return 2 if r <= 32 else 4
-
-
-def config_for(method: str, r: int):
-    from peft import LoraConfig
-
-    common = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    if method == "lora":
-        return LoraConfig(**common)
-    hybrid_r = r // 4 if method == "hybrid" else 0
-    return LoraConfig(**common, use_gralora=True, gralora_k=k_for_rank(r), hybrid_r=hybrid_r)
-
-
-def tokenize(records: list[dict], tokenizer, max_len: int) -> list[dict]:
-    """Prompt (signature and docstring) masked; the implementation and EOS are the targets."""
-    out = []
-    for rec in records:
-        prompt = f"{rec['input']}\n"
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (p_ids + r_ids)[:max_len]
-        labels = ([IGNORE] * len(p_ids) + r_ids)[:max_len]
-        if any(lab != IGNORE for lab in labels[1:]):
-            out.append({"input_ids": ids, "labels": labels})
-    return out
-
-
-def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``(B, L)`` batch, as the fine-tuning example pads it."""
-    from peft_gralora.finetune.data import PadCollator
-
-    return PadCollator(pad_id)(batch)
-
-
-def response_loss(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    """Mean next-token loss on the response tokens, their count, and how many were predicted right (top-1).
-
-    The LM head runs on the response positions only (the prompt positions need no logits): the 49k-token head is a
-    large share of a step of a 135M model.
-    """
-    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]  # (B, L-1): token t+1 is predicted at position t
-    keep = targets != IGNORE
-    logits = causal_lm.lm_head(hidden[:, :-1][keep])  # (T, vocab), T response tokens
-    tgt = targets[keep]  # (T,)
-    loss = F.cross_entropy(logits.float(), tgt)
-    correct = int((logits.argmax(-1) == tgt).sum())
-    return loss, int(tgt.numel()), correct
+from .quality_common import DATA_KWARGS, METHODS, collate, config_for, k_for_rank, lr_at, response_loss, tokenize
 
 
 @torch.no_grad()
@@ -111,13 +54,6 @@ def evaluate(causal_lm, examples: list[dict], pad_id: int, batch_size: int = 8) 
 
 def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def train_one(base, method: str, r: int, seed: int, train, test, pad_id: int, args) -> dict[str, Any]:
@@ -201,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--epochs" or a.startswith("--epochs=") for a in argv):
-        from . import quality_epochs  # the multi-epoch mode: learning-rate grid, then the rank sweep
+        # kept for the command lines already written down: the multi-epoch benchmark is its own entry point
+        from . import quality_epochs
 
         return quality_epochs.main(argv)
     args = parse_args(argv)

@@ -3,7 +3,7 @@
 The paper's claim (arXiv 2505.20355, HumanEval+ on LLaMA-3.1-8B): LoRA stalls or drops past r = 32-64 after full
 multi-epoch training while GraLoRA keeps improving with rank. This mode asks that question of SmolLM2-135M-Instruct on
 the project's built-in instruction data (the same model, data, tokenization and loss as ``benchmarks.quality``'s
-fixed-step mode):
+fixed-step benchmark; shared helpers in ``benchmarks.quality_common``):
 
 1. learning-rate grid: every method at r = 64 (``--grid-rank``), seed 0, each rate of ``--lrs``;
 2. each method's best rate (lowest held-out loss after the last epoch) is then used for the rank sweep over ``--ranks``
@@ -18,9 +18,9 @@ are recorded. Methods: LoRA, GraLoRA (k = 2 for r <= 32, 4 above) and hybrid Gra
 Note: the rate is chosen on the same 24 held-out examples the sweep reports (the built-in data has no third split);
 the grid is reported in full so the choice can be checked.
 
-    python -m benchmarks.quality --epochs 3 --quick          # 64 training examples, r 16/128, 1 seed, one rate
-    python -m benchmarks.quality --epochs 3 --resume         # the full grid + sweep, run by run into the JSON
-    python -m benchmarks.quality --epochs 3 --device cuda --dtype bfloat16 [--model /path/to/hf-model]
+    python -m benchmarks.quality_epochs --epochs 3 --quick    # 64 training examples, r 16/128, 1 seed, one rate
+    python -m benchmarks.quality_epochs --epochs 3 --resume   # the full grid + sweep, run by run into the JSON
+    python -m benchmarks.quality_epochs --epochs 3 --device cuda --dtype bfloat16 [--model /path/to/hf-model]
 
 Cost, measured on the 2-core CPU (bf16 autocast, max 128 tokens, batch 8): idle, 2 torch threads, one optimizer step
 takes 2.6 s, so one 3-epoch run of the full mode (93 steps + 3 evaluations) about 4.5 min and its 24 runs (9 grid +
@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from . import quality
+from . import quality_common
 from .common import RESULTS_DIR, environment
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -58,7 +58,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.quality --epochs N",
+        prog="python -m benchmarks.quality_epochs",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ranks", default=None, help="comma-separated sweep ranks (default: 16,128 quick; 16,64,128)")
     p.add_argument("--seeds", default=None, help="comma-separated sweep seeds (default: 0 quick; 0,1)")
-    p.add_argument("--methods", default=",".join(quality.METHODS))
+    p.add_argument("--methods", default=",".join(quality_common.METHODS))
     p.add_argument("--lrs", default=None, help="learning-rate grid (default: 1e-3 quick, no grid; 1e-4,3e-4,1e-3)")
     p.add_argument("--grid-rank", type=int, default=64, help="rank of the learning-rate grid")
     p.add_argument("--grid-seed", type=int, default=0, help="seed of the learning-rate grid")
@@ -93,9 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ranks = _ints(args.ranks or ("16,128" if args.quick else "16,64,128"))
     args.seeds = _ints(args.seeds or ("0" if args.quick else "0,1"))
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(args.methods) - set(quality.METHODS))
+    unknown = sorted(set(args.methods) - set(quality_common.METHODS))
     if unknown:
-        p.error(f"unknown methods {unknown}; choose from {list(quality.METHODS)}")
+        p.error(f"unknown methods {unknown}; choose from {list(quality_common.METHODS)}")
     args.lrs = [float(x) for x in (args.lrs or ("1e-3" if args.quick else "1e-4,3e-4,1e-3")).split(",")]
     if args.train_examples is None and args.quick:
         args.train_examples = 64
@@ -147,8 +147,8 @@ def evaluate(causal_lm, examples: list[dict], pad_id: int, args: argparse.Namesp
     total = correct = 0
     with torch.no_grad(), _autocast(args):
         for i in range(0, len(examples), 8):
-            batch = _to(quality.collate(examples[i : i + 8], pad_id), args.device)
-            loss, n, c = quality.response_loss(causal_lm, batch)
+            batch = _to(quality_common.collate(examples[i : i + 8], pad_id), args.device)
+            loss, n, c = quality_common.response_loss(causal_lm, batch)
             total_loss += float(loss) * n
             total += n
             correct += c
@@ -164,7 +164,7 @@ def train_run(
 
     per_epoch, total, warmup = schedule(len(train), args)
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), quality.config_for(method, r))
+    model = get_peft_model(copy.deepcopy(base), quality_common.config_for(method, r))
     # adapters and optimizer state in fp32 whatever the base dtype (peft keeps adapter weights fp32 by default)
     causal_lm = model.get_base_model()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -181,13 +181,15 @@ def train_run(
         losses = []
         for b in range(per_epoch):
             batch = _to(
-                quality.collate([train[i] for i in perm[b * args.batch_size : (b + 1) * args.batch_size]], pad_id),
+                quality_common.collate(
+                    [train[i] for i in perm[b * args.batch_size : (b + 1) * args.batch_size]], pad_id
+                ),
                 args.device,
             )
             for group in opt.param_groups:
-                group["lr"] = quality.lr_at(step, total, lr, warmup)
+                group["lr"] = quality_common.lr_at(step, total, lr, warmup)
             with _autocast(args):
-                loss, _, _ = quality.response_loss(causal_lm, batch)
+                loss, _, _ = quality_common.response_loss(causal_lm, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -214,7 +216,7 @@ def train_run(
     return {
         "method": method,
         "r": r,
-        "k": None if method == "lora" else quality.k_for_rank(r),
+        "k": None if method == "lora" else quality_common.k_for_rank(r),
         "hybrid_r": r // 4 if method == "hybrid" else 0,
         "seed": seed,
         "lr": lr,
@@ -309,11 +311,11 @@ def main(argv: list[str] | None = None, *, base=None, tokenizer=None) -> dict[st
     if base is None:
         base, tokenizer = load_model(args)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = build_builtin_dataset(**quality.DATA_KWARGS)
-    train = quality.tokenize(data["train"], tokenizer, args.max_len)[: args.train_examples]
-    test = quality.tokenize(data["test"], tokenizer, args.max_len)
+    data = build_builtin_dataset(**quality_common.DATA_KWARGS)
+    train = quality_common.tokenize(data["train"], tokenizer, args.max_len)[: args.train_examples]
+    test = quality_common.tokenize(data["test"], tokenizer, args.max_len)
     per_epoch, total, warmup = schedule(len(train), args)
-    data_sizes = {"train_examples": len(train), "test_examples": len(test), **quality.DATA_KWARGS}
+    data_sizes = {"train_examples": len(train), "test_examples": len(test), **quality_common.DATA_KWARGS}
     if previous is not None and previous["data"] != data_sizes:
         raise SystemExit(f"--resume: {path} was made on other data {previous['data']}, now {data_sizes}")
     zero_shot = previous["zero_shot"] if previous else evaluate(base, test, pad_id, args)
@@ -547,3 +549,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
-"""The multi-epoch quality benchmark (``python -m benchmarks.quality --epochs N``) on a tiny Llama: the learning-rate
-grid picks each method's best rate, the sweep uses it and reuses the grid run it equals, and a cut-short sweep
-resumes to exactly the numbers of an uninterrupted one."""
+"""The multi-epoch quality benchmark (``python -m benchmarks.quality_epochs --epochs N``) on a tiny Llama: the
+learning-rate grid picks each method's best rate, the sweep uses it and reuses the grid run it equals, and a cut-short
+sweep resumes to exactly the numbers of an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-from benchmarks import quality, quality_epochs
+from benchmarks import quality, quality_common, quality_epochs
 from tests.models import tiny_llama
 
 
@@ -70,7 +70,7 @@ def test_grid_picks_each_methods_best_rate_and_the_sweep_uses_it(tmp_path):
 
 def test_methods_of_one_seed_see_the_same_batches(tmp_path, monkeypatch):
     seen: dict[str, list] = {}
-    real = quality.collate
+    real = quality_common.collate
 
     def spy(batch, pad_id):
         seen.setdefault(current.get("method", "zero-shot"), []).append([tuple(x["input_ids"]) for x in batch])
@@ -83,16 +83,16 @@ def test_methods_of_one_seed_see_the_same_batches(tmp_path, monkeypatch):
         current["method"] = method
         return real_run(base, method, *args, **kwargs)
 
-    monkeypatch.setattr(quality, "collate", spy)
+    monkeypatch.setattr(quality_common, "collate", spy)
     monkeypatch.setattr(quality_epochs, "train_run", tagged)
     payload = run_epochs(tmp_path, ["--lrs", "1e-3", "--ranks", "8", "--seeds", "0"])
-    assert payload["grid"] == [] and payload["best_lr"] == dict.fromkeys(quality.METHODS, 1e-3)
+    assert payload["grid"] == [] and payload["best_lr"] == dict.fromkeys(quality_common.METHODS, 1e-3)
     assert [(x["method"], x["k"], x["hybrid_r"]) for x in payload["runs"]] == [
         ("lora", None, 0),
         ("gralora", 2, 0),
         ("hybrid", 2, 2),
     ]
-    assert set(seen) == {"zero-shot", *quality.METHODS}
+    assert set(seen) == {"zero-shot", *quality_common.METHODS}
     assert seen["lora"] == seen["gralora"] == seen["hybrid"]
     assert len(seen["lora"]) > 2 * 2  # training batches of both epochs (and the evaluation batches)
 
@@ -179,3 +179,19 @@ def test_quality_dispatches_epochs_to_the_multi_epoch_mode(monkeypatch):
     monkeypatch.setattr(quality_epochs, "main", lambda argv: got.append(argv) or {})
     quality.main(["--epochs", "3", "--quick"])
     assert got == [["--epochs", "3", "--quick"]]
+
+
+def test_the_multi_epoch_benchmark_is_its_own_entry_point():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality_epochs", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m benchmarks.quality_epochs") and "--grid-rank" in proc.stdout
