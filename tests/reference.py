@@ -1,4 +1,5 @@
-"""Independent references for the tests: the block formula of DESIGN.md written out densely, loop by loop.
+"""Independent references for the tests: the block formula of docs/design.md ("The math") written out densely, loop
+by loop.
 
 Nothing here calls peft_gralora.functional, so a bug there cannot hide in the reference.
 """

@@ -1,4 +1,4 @@
-"""Adapters saved by the GraLoRA PEFT fork (seed 004) load exactly, on every load path, or are refused clearly.
+"""Adapters saved by the GraLoRA PEFT fork load exactly, on every load path, or are refused clearly.
 
 References, both independent of this package's conversion code:
 

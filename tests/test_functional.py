@@ -46,7 +46,8 @@ def random_factors(k, s, h, n, m, seed):
 
 
 def upstream_dense_delta(gralora_A, gralora_B, general_A, general_B):
-    """delta W (out, in) from upstream's layout, written from DESIGN.md's formula for upstream block (j, n)."""
+    """delta W (out, in) from upstream's layout, written from the formula for upstream block (j, n) in docs/design.md
+    ("The math")."""
     k, n, g = gralora_A.shape
     m = gralora_B.shape[2]
     s = g // k

@@ -1,7 +1,8 @@
 """Against upstream peft's own GraLoRA tuner (``peft.GraloraConfig``) holding the same weights.
 
-Mapping (DESIGN.md): upstream r = our r - hybrid_r, upstream alpha = our lora_alpha, upstream hybrid_r = ours; the
-weights move by the pure reshape of ``functional.upstream_to_variant`` and gradients move back with its inverse.
+Mapping (docs/design.md, "The math"): upstream r = our r - hybrid_r, upstream alpha = our lora_alpha, upstream
+hybrid_r = ours; the weights move by the pure reshape of ``functional.upstream_to_variant`` and gradients move back
+with its inverse.
 Upstream uses random B (``init_weights=False``), so every block contributes.
 """
 

@@ -73,7 +73,8 @@ def export_lora(
     """Write a GraLoRA adapter as an exactly equivalent plain LoRA adapter (no SVD, no approximation).
 
     Each module of rank ``r`` becomes a plain LoRA module of rank ``k * (r - hybrid_r) + hybrid_r`` whose
-    ``lora_B @ lora_A`` equals the GraLoRA delta (block-diagonal factors and a permutation, DESIGN.md "Exact export").
+    ``lora_B @ lora_A`` equals the GraLoRA delta (block-diagonal factors and a permutation; docs/design.md, "The
+    math").
     The scaling is folded into ``lora_alpha`` (and per-module ``alpha_pattern`` / ``rank_pattern`` entries when
     modules differ), with ``use_rslora=False``. GraLoRA+DoRA becomes plain DoRA with the same magnitudes (the row
     norms of ``W + scaling * B @ A`` do not change with exact factors). Everything else in the config and the state
