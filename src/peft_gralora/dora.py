@@ -89,20 +89,20 @@ class GraLoraDoraLinearVariant(GraLoraLinearVariant):
     @staticmethod
     def _merged(module: Any, adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         """``diag(m / n) (W + scaling * delta W)`` in ``orig_weight``'s layout and dtype; caches ``n`` for unmerge."""
-        fifo = module.fan_in_fan_out
-        delta_oi = _transpose(gralora_delta(module, adapter, torch.float32), fifo).to(orig_weight.device)
+        transposed = module.fan_in_fan_out  # the base weight is stored (in, out): Conv1D
+        delta_oi = _transpose(gralora_delta(module, adapter, torch.float32), transposed).to(orig_weight.device)
         if module.merged_adapters:
             # the norm belongs to the weight that forward sees: without the adapters merged before this one. Read
             # orig_weight only afterwards: the context unmerges and merges them again, possibly in place.
             with module._unmerged_base_weight() as base_weight:
-                norm = _row_norm(_transpose(base_weight, fifo), delta_oi)
-            weight_oi = _transpose(orig_weight.detach(), fifo).float()
+                norm = _row_norm(_transpose(base_weight, transposed), delta_oi)
+            weight_oi = _transpose(orig_weight.detach(), transposed).float()
         else:
-            weight_oi = _transpose(orig_weight.detach(), fifo).float()
+            weight_oi = _transpose(orig_weight.detach(), transposed).float()
             norm = _row_norm(weight_oi, delta_oi)
         module._cache_store(f"{adapter}-gralora-dora-norm", norm)
         merged_oi = _dora_factor(module, adapter, norm) * (weight_oi + delta_oi)
-        return _transpose(merged_oi, fifo).to(orig_weight.dtype)
+        return _transpose(merged_oi, transposed).to(orig_weight.dtype)
 
     @staticmethod
     def merge_safe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -114,11 +114,11 @@ class GraLoraDoraLinearVariant(GraLoraLinearVariant):
 
     @staticmethod
     def unmerge(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        fifo = module.fan_in_fan_out
+        transposed = module.fan_in_fan_out  # the base weight is stored (in, out): Conv1D
         norm = module._cache_pop(f"{active_adapter}-gralora-dora-norm")
-        delta_oi = _transpose(gralora_delta(module, active_adapter, torch.float32), fifo).to(orig_weight.device)
-        weight_oi = _transpose(orig_weight.detach(), fifo).float() / _dora_factor(module, active_adapter, norm)
-        return _transpose(weight_oi - delta_oi, fifo).to(orig_weight.dtype)
+        delta_oi = _transpose(gralora_delta(module, active_adapter, torch.float32), transposed).to(orig_weight.device)
+        weight_oi = _transpose(orig_weight.detach(), transposed).float() / _dora_factor(module, active_adapter, norm)
+        return _transpose(weight_oi - delta_oi, transposed).to(orig_weight.dtype)
 
     @staticmethod
     def forward(

@@ -102,14 +102,14 @@ def gralora_delta(module: Any, adapter_name: str, dtype: torch.dtype | None = No
     out_dtype = dtype or weight_B.dtype
     weight_A, weight_B = _compute_factors(weight_A, weight_B)
     k, h = module.gralora_k[adapter_name], module.hybrid_r[adapter_name]
-    fifo = getattr(module, "fan_in_fan_out", False)
+    transposed = getattr(module, "fan_in_fan_out", False)  # the base weight is stored (in, out): Conv1D
     scaling = module.scaling[adapter_name]
     if torch.is_grad_enabled() and (weight_A.requires_grad or weight_B.requires_grad):
-        delta = _transpose(gralora_delta_weight(weight_A, weight_B, k, h), fifo) * scaling  # differentiable
+        delta = _transpose(gralora_delta_weight(weight_A, weight_B, k, h), transposed) * scaling  # differentiable
     else:  # written straight into its final layout, scaled on the way: one weight-sized tensor in all
-        shape = (weight_A.shape[1], weight_B.shape[0]) if fifo else (weight_B.shape[0], weight_A.shape[1])
+        shape = (weight_A.shape[1], weight_B.shape[0]) if transposed else (weight_B.shape[0], weight_A.shape[1])
         delta = gralora_add_delta_(
-            weight_B.new_empty(shape), weight_A, weight_B, k, h, alpha=scaling, transposed=fifo, overwrite=True
+            weight_B.new_empty(shape), weight_A, weight_B, k, h, alpha=scaling, transposed=transposed, overwrite=True
         )
     return delta.to(out_dtype)
 
