@@ -1,6 +1,6 @@
 """Adapter-directory conversions: exact export to plain LoRA, upstream <-> variant, info, error paths.
 
-The references are independent of convert.py: the GraLoRA model's own outputs (ours or upstream peft's tuner), the
+The references are independent of the converter: the GraLoRA model's own outputs (ours or upstream peft's tuner), the
 exported adapter loaded by vanilla peft in a subprocess (PEFT_GRALORA_DISABLE=1), and the dense block formula of
 tests/reference.py.
 """
