@@ -1,0 +1,23 @@
+"""mkdocs hook: publish the benchmark results (tables, plots and raw data in benchmarks/results/) under results/ in the site.
+
+The results live beside the benchmarks that write them, not in docs/; the pages link to them as ``results/<file>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mkdocs.structure.files import File, Files
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def on_files(files: Files, config: Any) -> Files:
+    for path in sorted((BENCHMARKS / "results").rglob("*")):
+        if path.is_file():
+            # src_dir/src_uri = benchmarks/results/<file>: published as results/<file>
+            uri = path.relative_to(BENCHMARKS).as_posix()
+            files.append(File(uri, src_dir=str(BENCHMARKS), dest_dir=config["site_dir"],
+                              use_directory_urls=config["use_directory_urls"]))
+    return files
