@@ -1,4 +1,4 @@
-"""mkdocs hook: publish the benchmark results (tables, plots and raw data in benchmarks/results/) under results/ in the site.
+"""mkdocs hook: publish benchmarks/results/ (tables, plots, raw data) under results/ in the site.
 
 The results live beside the benchmarks that write them, not in docs/; the pages link to them as ``results/<file>``.
 """
@@ -18,6 +18,12 @@ def on_files(files: Files, config: Any) -> Files:
         if path.is_file():
             # src_dir/src_uri = benchmarks/results/<file>: published as results/<file>
             uri = path.relative_to(BENCHMARKS).as_posix()
-            files.append(File(uri, src_dir=str(BENCHMARKS), dest_dir=config["site_dir"],
-                              use_directory_urls=config["use_directory_urls"]))
+            files.append(
+                File(
+                    uri,
+                    src_dir=str(BENCHMARKS),
+                    dest_dir=config["site_dir"],
+                    use_directory_urls=config["use_directory_urls"],
+                )
+            )
     return files

@@ -66,7 +66,9 @@ def python_blocks(path: Path) -> list[Block]:
             end += 1
         if info == "python":
             if fence["indent"]:
-                raise ValueError(f"{page}:{i + 1}: indented ```python fences are not run by the docs tests; unindent it")
+                raise ValueError(
+                    f"{page}:{i + 1}: indented ```python fences are not run by the docs tests; unindent it"
+                )
             previous = SKIP.match(lines[i - 1].strip()) if i else None
             reason = previous["reason"].strip() if previous else None
             blocks.append(Block(page, i + 1, "\n".join(lines[i + 1 : end]) + "\n", reason))
