@@ -5,6 +5,7 @@ The results live beside the benchmarks that write them, not in docs/; the pages 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +28,11 @@ def on_files(files: Files, config: Any) -> Files:
                 )
             )
     return files
+
+
+# Sphinx roles in the docstrings (``:func:`install```) reach the page as ":func: <code>install</code>"
+_ROLE = re.compile(r":(?:func|meth|class|mod|data|attr|exc|obj):\s*(<code>)")
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
+    return _ROLE.sub(r"\1", html)

@@ -59,7 +59,16 @@ def test_page_code_blocks_run(page, tmp_path, monkeypatch):
     runnable = [b for b in blocks if not b.skip]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _run_blocks(runnable)
+    import peft  # noqa: F401  (the import hook installs GraLoRA: the state a user's process starts in)
+
+    import peft_gralora
+
+    was_installed = peft_gralora.is_installed()
+    try:
+        _run_blocks(runnable)
+    finally:  # a page that installs / uninstalls (activation.md) must not change the state for the next tests
+        if peft_gralora.is_installed() != was_installed:
+            (peft_gralora.install if was_installed else peft_gralora.uninstall)()
 
 
 SKIPPED = [b for p in pages() for b in python_blocks(p) if b.skip]
