@@ -1,6 +1,8 @@
 """mkdocs hook: publish benchmarks/results/ (tables, plots, raw data) under results/ in the site.
 
-The results live beside the benchmarks that write them, not in docs/; the pages link to them as ``results/<file>``.
+The results live beside the benchmarks that write them, not in docs/. The pages link to them as
+``../benchmarks/results/<file>`` (so the links also work where the markdown is read as it is, e.g. on GitHub); in the
+site those links point to the published copies.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def on_files(files: Files, config: Any) -> Files:
                 )
             )
     return files
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    # every page sits at the top of docs/, so ../benchmarks/results/ is results/ in the site
+    return markdown.replace("](../benchmarks/results/", "](results/")
 
 
 # Sphinx roles in the docstrings (``:func:`install```) reach the page as ":func: <code>install</code>"

@@ -1,5 +1,5 @@
 """The docs site builds with ``mkdocs build --strict`` (no broken link, anchor or API reference), and every relative
-link of README.md resolves in the repository."""
+link of README.md and of the docs pages resolves in the repository (as they read on GitHub)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from .docs_snippets import ROOT
+from .docs_snippets import ROOT, pages
 
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 
@@ -38,20 +38,30 @@ def test_mkdocs_build_strict(tmp_path):
     assert "gralora_forward" in api and "Raises" in api
 
 
-def test_readme_relative_links_resolve():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def _slugs(path) -> set[str]:
+    # Python-Markdown's toc slugs (GitHub's agree for these headings: no two separators in a row)
+    headings = re.findall(r"^#+\s+(.*)$", path.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", h).strip().lower()) for h in headings}
+
+
+def _broken_links(page) -> list[str]:
     broken = []
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)  # not inside code blocks
     for match in LINK.finditer(text):
         target = match["target"]
-        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"^[a-z]+:", target):
             continue
         path, _, anchor = target.partition("#")
-        resolved = ROOT / path
+        resolved = (page.parent / path).resolve() if path else page
         if not resolved.exists():
             broken.append(target)
-        elif anchor and resolved.suffix == ".md":
-            headings = re.findall(r"^#+\s+(.*)$", resolved.read_text(encoding="utf-8"), flags=re.M)
-            slugs = {re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", h).strip().lower()) for h in headings}
-            if anchor not in slugs:
-                broken.append(target)
-    assert not broken, f"README.md links that do not resolve: {broken}"
+        elif anchor and resolved.suffix == ".md" and anchor not in _slugs(resolved):
+            broken.append(target)
+    return broken
+
+
+@pytest.mark.parametrize("page", pages(), ids=[p.name for p in pages()])
+def test_relative_links_resolve_in_the_repository(page):
+    # README.md and the pages as they read on GitHub (the site is checked by the strict build)
+    broken = _broken_links(page)
+    assert not broken, f"{page.relative_to(ROOT)}: links that do not resolve: {broken}"
