@@ -33,7 +33,19 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-PY=${PYTHON:-python3}
+# the interpreter: $PYTHON, else the README set-up's .venv when there is one, else python3 (a lent machine's)
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=$ROOT/.venv/bin/python; else PY=python3; fi
+# --- 1. Python, torch and the device (refused before anything is written) -------------------------------------------
+START=$(date +%s)
+if ! INFO=$("$PY" -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())" 2>/dev/null); then
+  echo "gpu-check: '$PY' cannot import torch; set PYTHON=/path/to/python of an environment with torch" >&2
+  exit 2
+fi
+read -r PY_VERSION TORCH_VERSION HAS_CUDA <<<"$INFO"
+if [ "$DRY" = 0 ] && [ "$HAS_CUDA" != True ]; then
+  echo "gpu-check: torch $TORCH_VERSION sees no CUDA device here; run with --dry-run for the CPU plumbing check" >&2
+  exit 2
+fi
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 # only this script's own files are replaced; anything else in --out stays
@@ -52,20 +64,10 @@ else
   T_DECODE=${GPU_CHECK_T_DECODE:-70} T_COMPILE=${GPU_CHECK_T_COMPILE:-140}
   MODE=()
 fi
-START=$(date +%s)
 FAILED=()
 say() { echo "[gpu-check +$(( $(date +%s) - START ))s] $*"; }
 
-# --- 1. Python, torch and the device ---------------------------------------------------------------------------------
-if ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "gpu-check: '$PY' cannot import torch; set PYTHON=/path/to/python of an environment with torch" >&2
-  exit 2
-fi
-if [ "$DRY" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-  echo "gpu-check: torch sees no CUDA device here; run with --dry-run for the CPU plumbing check" >&2
-  exit 2
-fi
-say "python $("$PY" -c 'import sys; print(sys.version.split()[0])'), torch $("$PY" -c 'import torch; print(torch.__version__)'), mode $([ "$DRY" = 1 ] && echo 'dry run (CPU, tiny sizes)' || echo GPU)"
+say "python $PY_VERSION, torch $TORCH_VERSION, mode $([ "$DRY" = 1 ] && echo 'dry run (CPU, tiny sizes)' || echo GPU)"
 
 # --- 2. packages: what is installed when it fits, else the carried wheels -------------------------------------------
 SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-site.XXXXXX")
