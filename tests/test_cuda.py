@@ -1,8 +1,8 @@
 """GraLoRA on a GPU: the core operations on ``cuda`` in fp32 and in the two bf16 regimes users run.
 
-Regimes: ``fp32`` (everything fp32); ``bf16`` (bf16 base and adapter weights, no autocast: the fused kernels);
-``autocast`` (bf16 base, fp32 adapter weights as peft makes them, under ``torch.autocast(bfloat16)``: what the
-Trainer's ``bf16=True`` does, which takes the plain-op path).
+Regimes: ``fp32`` (everything fp32); ``bf16`` (bf16 base and adapter weights, no autocast); ``autocast`` (bf16
+base, fp32 adapter weights as peft makes them, under ``torch.autocast(bfloat16)``: what the Trainer's ``bf16=True``
+does). Which GraLoRA code path each regime takes is the functional module's business; these cases check the result.
 
 Every result is compared with an independent float64 reference (the base model run through ``functional_call`` with
 ``W + scaling * delta W``, delta W written block by block; DoRA's formula written densely). The tolerance is not set
