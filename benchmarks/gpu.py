@@ -9,11 +9,12 @@ LoRA, this GraLoRA and upstream peft's ``GraloraConfig`` side by side, in the tw
     ... --dry-run                                          # the same code on CPU with tiny sizes
 
 Regimes: ``autocast``: bf16 base weights, fp32 adapter weights, forward under ``torch.autocast(bfloat16)`` (what the
-Trainer's ``bf16=True`` does with a bf16 model); ``bf16``: bf16 base and adapter weights, no autocast. Timings: interleaved rounds of all methods in one process, medians of per-round
-ratios (the compiled step: one fresh process per method and regime, each with an empty inductor cache, so its
-compile time is cold). Peak memory: the CUDA caching allocator's peak during one step, above what was allocated
-before it (``extra``), and that plus the method's own model, adapter and optimizer tensors (``total``).
-Every part rewrites its JSON after each case, so a part cut short by its time guard keeps what it measured.
+Trainer's ``bf16=True`` does with a bf16 model); ``bf16``: bf16 base and adapter weights, no autocast.
+Timings: interleaved rounds of all methods in one process, medians of per-round ratios (the compiled step: one
+fresh process per method and regime, each with an empty inductor cache, so its compile time is cold).
+Peak memory: the CUDA caching allocator's peak during one step, above what was allocated before it (``extra``),
+and that plus the method's own model, adapter and optimizer tensors (``total``). Every part rewrites its JSON after
+each case, so a part cut short by its time guard keeps what it measured.
 """
 
 from __future__ import annotations
