@@ -6,7 +6,7 @@
 #   bash scripts/gpu-check.sh [--out DIR] [--dry-run] [--wheels DIR] [--use-wheels]
 #
 #   --out DIR      results: env/layer/train/decode/compile .json, gpu.md, tests.log, run.log (8 files, no folders;
-#                  default benchmarks/results/gpu)
+#                  default benchmarks/results/gpu, with --dry-run outputs/gpu-check-dry)
 #   --dry-run      the same plumbing on CPU with tiny sizes (a few minutes; CI runs it: tests/test_gpu_check.py)
 #   --wheels DIR   carried wheels, installed with pip --no-index when a package is missing or outside the project's
 #                  range (default .gpu-wheels; scripts/gpu-wheels.sh prepares it)
@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-OUT=benchmarks/results/gpu
+OUT=
 DRY=0
 WHEELS=.gpu-wheels
 FORCE_WHEELS=0
@@ -33,6 +33,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# a dry run's figures mean nothing: by default they go to the git-ignored outputs/, never next to real results
+[ -n "$OUT" ] || OUT=$([ "$DRY" = 1 ] && echo outputs/gpu-check-dry || echo benchmarks/results/gpu)
 # the interpreter: $PYTHON, else the README set-up's .venv when there is one, else python3 (a lent machine's)
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=$ROOT/.venv/bin/python; else PY=python3; fi
 # --- 1. Python, torch and the device (refused before anything is written) -------------------------------------------
