@@ -380,7 +380,7 @@ def test_mixed_adapter_batch(case, regime):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the custom ops and torch.compile
+# the custom ops
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -409,44 +409,6 @@ def test_custom_ops_pass_opcheck(dtype, h):
     for needs in ((True, True, True), (False, True, False)):
         args = (grad_y, x2.detach(), weight_A.detach(), weight_B.detach(), u.detach(), 2, 8, *needs)
         torch.library.opcheck(backward_op, args)
-
-
-COMPILE_KINDS = {
-    "hybrid": dict(use_gralora=True, gralora_k=2, hybrid_r=4),
-    "gralora+dora": dict(use_gralora=True, gralora_k=2, use_dora=True),
-}
-
-
-@pytest.mark.parametrize(("kind", "regime"), [("hybrid", "bf16"), ("gralora+dora", "autocast")])
-def test_compiled_training_step(kind, regime):
-    """``torch.compile(fullgraph=True)`` of a Llama's training forward (inductor on CUDA; aot_eager on CPU, which
-    builds the backward as inductor would without compiling C++): one graph, logits and gradients as close to the
-    reference as the compiled plain-LoRA twin's."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    def config(**overrides):
-        kw = dict(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, **COMPILE_KINDS[kind])
-        return LoraConfig(**{**kw, **overrides})
-
-    model, twin, pristine = make_pair(seeded(lambda: tiny_llama(num_hidden_layers=1)), config, regime)
-    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
-    probe = torch.randn(2, 8, 128, dtype=torch.float64)
-    errors = []
-    for m in (model, twin):
-        torch._dynamo.reset()
-        m.train()
-        counter = CompileCounterWithBackend("inductor" if ON_CUDA else "aot_eager")
-        # the twin only sets the tolerance: peft's plain DoRA breaks the graph (its dequantize_module_weight)
-        with autocast(regime):
-            logits = torch.compile(m, backend=counter, fullgraph=m is model)(input_ids=ids.to(DEVICE)).logits
-        (logits.float() * probe.to(logits.device).float()).sum().backward()
-        assert counter.frame_count == 1 or m is twin
-        ref, leaves = reference(m, pristine, input_ids=ids)
-        (ref.logits * probe).sum().backward()
-        errors.append({"output": rel_err(logits, ref.logits), **grad_errors(m, leaves)})
-    torch._dynamo.reset()
-    effect = rel_err(reference(model, pristine, adapter=None, input_ids=ids)[0].logits, ref.logits)
-    check_like_lora(*errors, effect=effect, deep=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -491,4 +453,47 @@ def test_bitsandbytes_base(quant, tmp_path):
         (logits.float() * probe.to(logits.device).float()).sum().backward()
         errors.append({"output": rel_err(logits, ref.logits), **grad_errors(m, leaves)})
     effect = rel_err(reference(model, make(), adapter=None, input_ids=ids)[0].logits, ref.logits)
+    check_like_lora(*errors, effect=effect, deep=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.compile (last: the slowest cases, so that a time guard cuts these and not the others)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+COMPILE_KINDS = {
+    "hybrid": dict(use_gralora=True, gralora_k=2, hybrid_r=4),
+    "gralora+dora": dict(use_gralora=True, gralora_k=2, use_dora=True),
+}
+
+
+@pytest.mark.parametrize(("kind", "regime"), [("hybrid", "bf16"), ("gralora+dora", "autocast")])
+def test_compiled_training_step(kind, regime):
+    """``torch.compile(fullgraph=True)`` of a Llama's training forward (inductor on CUDA; aot_eager on CPU, which
+    builds the backward as inductor would without compiling C++): one graph, logits and gradients as close to the
+    reference as the compiled plain-LoRA twin's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def config(**overrides):
+        kw = dict(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, **COMPILE_KINDS[kind])
+        return LoraConfig(**{**kw, **overrides})
+
+    model, twin, pristine = make_pair(seeded(lambda: tiny_llama(num_hidden_layers=1)), config, regime)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+    probe = torch.randn(2, 8, 128, dtype=torch.float64)
+    errors = []
+    for m in (model, twin):
+        torch._dynamo.reset()
+        m.train()
+        counter = CompileCounterWithBackend("inductor" if ON_CUDA else "aot_eager")
+        # the twin only sets the tolerance: peft's plain DoRA breaks the graph (its dequantize_module_weight)
+        with autocast(regime):
+            logits = torch.compile(m, backend=counter, fullgraph=m is model)(input_ids=ids.to(DEVICE)).logits
+        (logits.float() * probe.to(logits.device).float()).sum().backward()
+        assert counter.frame_count == 1 or m is twin
+        ref, leaves = reference(m, pristine, input_ids=ids)
+        (ref.logits * probe).sum().backward()
+        errors.append({"output": rel_err(logits, ref.logits), **grad_errors(m, leaves)})
+    torch._dynamo.reset()
+    effect = rel_err(reference(model, pristine, adapter=None, input_ids=ids)[0].logits, ref.logits)
     check_like_lora(*errors, effect=effect, deep=True)
