@@ -283,3 +283,48 @@ def test_memory_efficient_merge_refused_on_a_gralora_adapter(workspace, trained)
     with pytest.raises(GraLoraAxolotlError, match="merge_method: legacy"):
         do_cli(config=plain(workspace, "cfg-merge", lora_model_dir=str(trained)))
     assert not (workspace / "cfg-merge" / "merged").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# adapter: qlora (bitsandbytes 4-bit base, CPU): GraLoRA on the Linear4bit layers, trained factors computed exactly
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_qlora_builds_gralora_on_4bit_layers(workspace):
+    import bitsandbytes as bnb
+    from axolotl.cli.utils import load_model_and_tokenizer
+
+    from peft_gralora.variant import is_gralora_adapter
+
+    cfg = load_cfg(write_yaml(workspace, "cfg-qlora-new", adapter="qlora", load_in_4bit=True, gralora_k=4, hybrid_r=4))
+    model, _, _ = load_model_and_tokenizer(cfg=cfg)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert len(layers) == 14
+    for layer in layers:
+        assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and is_gralora_adapter(layer, "default")
+        assert (layer.gralora_k["default"], layer.hybrid_r["default"]) == (4, 4)
+
+
+def test_qlora_loads_gralora_on_4bit_layers(workspace, trained):
+    import bitsandbytes as bnb
+    from axolotl.cli.utils import load_model_and_tokenizer
+
+    from peft_gralora.variant import is_gralora_adapter
+
+    saved = json.loads((trained / "adapter_config.json").read_text())
+    cfg = load_cfg(write_yaml(workspace, "cfg-qlora", adapter="qlora", load_in_4bit=True, lora_model_dir=str(trained)))
+    assert cfg.lora_mlp_kernel is False
+    model, _, _ = load_model_and_tokenizer(cfg=cfg)
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert len(layers) == 14
+    torch.manual_seed(0)
+    for name, layer in layers.items():
+        assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and is_gralora_adapter(layer, "default"), name
+        weight_A, weight_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        delta = saved["lora_alpha"] / saved["r"] * dense_delta(weight_A, weight_B, saved["gralora_k"], 0)
+        x = torch.randn(3, weight_A.shape[1])
+        with torch.no_grad():
+            effect = (layer(x) - layer.base_layer(x)).double()
+        want = x.double() @ delta.T
+        assert want.abs().max() > 1e-4  # the trained adapter does something here
+        torch.testing.assert_close(effect, want, atol=1e-5, rtol=1e-4)
