@@ -301,7 +301,8 @@ def test_prepare_plugins_guard():
     module.prepare_plugins({"adapter": "lora"})
     module.prepare_plugins(cfg())
     module.prepare_plugins({"adapter": "lora", "use_gralora": False})
-    assert len(calls) == 3
+    module.prepare_plugins(cfg(plugins=["peft_gralora.axolotl.plugin.GraLoraPlugin"]))
+    assert len(calls) == 4
 
 
 def test_efficient_merge_guard(saved_adapters):
@@ -388,3 +389,16 @@ def test_import_hook_guards_axolotl_in_a_fresh_process(tmp_path, disable):
     else:
         assert proc.returncode != 0 and proc.stdout.count("prepared") == 1
         assert f"plugins:\n  - {PLUGIN}" in proc.stderr
+
+
+def test_interpreter_start_loads_only_the_tiny_axolotl_hook():
+    code = (
+        "import sys; print(*(name in sys.modules for name in ('peft_gralora.axolotl._import_hook', "
+        "'peft_gralora.axolotl.guards', 'peft_gralora.axolotl.checks', 'axolotl', 'pydantic', 'json')))"
+    )
+    src_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(checks.__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "PEFT_GRALORA_DISABLE"}
+    env["PYTHONPATH"] = src_dir
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    # the first value shows the hook is really there: without it the others would be trivially False
+    assert out.stdout.split() == ["True", "False", "False", "False", "False", "False"], out.stderr

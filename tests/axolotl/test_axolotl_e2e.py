@@ -261,6 +261,14 @@ def test_lora_model_dir_continues_the_gralora_adapter(workspace, trained):
     assert all(m.lora_A["default"].weight.requires_grad for m in layers)  # trainable: training continues
     want = logits(reference_model(workspace, trained), workspace)
     assert (logits(model.eval(), workspace) - want).abs().max().item() < ATOL
+    # the plugin's last check, after peft loaded the adapter: a YAML that disagrees with it is refused
+    from axolotl.utils.dict import DictDefault
+
+    from peft_gralora.axolotl.plugin import GraLoraPlugin
+
+    GraLoraPlugin().post_lora_load(cfg, model)
+    with pytest.raises(GraLoraAxolotlError, match="loaded adapter 'default'"):
+        GraLoraPlugin().post_lora_load(DictDefault({**cfg, "gralora_k": 4}), model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -76,7 +76,9 @@ def asks_for_gralora(cfg: Mapping) -> bool:
 
 
 def has_plugin(cfg: Mapping) -> bool:
-    return PLUGIN in (_get(cfg, "plugins") or [])
+    """Whether ``plugins:`` names the GraLoRA plugin (by either import path)."""
+    names = _get(cfg, "plugins") or []
+    return any(name in (PLUGIN, "peft_gralora.axolotl.plugin.GraLoraPlugin") for name in names)
 
 
 def require_plugin(cfg: Mapping) -> None:
