@@ -23,17 +23,24 @@ torch_pin=$(grep -o '"torch==[^"]*"' scripts/setup.sh | head -1 | tr -d '"')
 start=$(date +%s)
 quiet() { grep -v "^WARNING: Location" || true; }
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-stamp="$VENV/.peft_gralora_axolotl"
-want="$(cat pyproject.toml scripts/test-axolotl.sh | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+have() {  # have DIST VERSION: DIST installed at VERSION (a local +cpu label ignored); reads metadata, imports nothing
+  "$VENV/bin/python" -c "import sys; from importlib.metadata import version as v
+sys.exit(v(sys.argv[1]).split('+')[0] != sys.argv[2])" "$1" "$2" 2>/dev/null
+}
+if ! have axolotl "$AXOLOTL_VERSION" || ! have torch "${torch_pin#torch==}"; then
   "$VENV/bin/python" -m pip install -q "$torch_pin" 2>&1 | quiet
   "$VENV/bin/python" -m pip install -q "$torch_pin" "axolotl==$AXOLOTL_VERSION" "$TRANSFORMERS_PIN" 2>&1 | quiet
+fi
+# this checkout, editable, with its `axolotl` extra: again when pyproject.toml, this script or the checkout's path change
+stamp="$VENV/.peft_gralora_axolotl"
+want="$( (cat pyproject.toml scripts/test-axolotl.sh; pwd) | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[axolotl]" pytest "$torch_pin" "axolotl==$AXOLOTL_VERSION" 2>&1 | quiet
-  "$VENV/bin/python" -c "import axolotl, peft, torch, peft_gralora.axolotl.plugin"
+  "$VENV/bin/python" -c "import peft_gralora.axolotl.plugin"
   echo "$want" >"$stamp"
 fi
-"$VENV/bin/python" -c "import axolotl, peft, transformers, torch
-print(f'axolotl {axolotl.__version__}, peft {peft.__version__}, transformers {transformers.__version__}, torch {torch.__version__}')"
+"$VENV/bin/python" -c "from importlib.metadata import version as v
+print(', '.join(f'{d} {v(d)}' for d in ('axolotl', 'peft', 'transformers', 'accelerate', 'bitsandbytes', 'torch')))"
 echo "environment ready in $(($(date +%s) - start)) s"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rf tests/axolotl "$@"
 echo "scripts/test-axolotl.sh: $(($(date +%s) - start)) s in all"
