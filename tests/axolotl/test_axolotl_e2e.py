@@ -200,6 +200,25 @@ def test_the_import_hook_guards_axolotls_plain_lora_paths():
             assert guards.is_guarded(module.AsyncGRPOTrainer._sync_lora_adapter), name
 
 
+def test_plugin_installs_gralora_where_the_import_hook_is_off(workspace):
+    code = (
+        "import sys\n"
+        "from axolotl.cli.config import load_cfg\n"
+        "from peft_gralora import is_installed\n"
+        "from peft_gralora.axolotl import guards\n"
+        "was = is_installed()\n"
+        "cfg = load_cfg(sys.argv[1])\n"
+        "from axolotl.cli.config import prepare_plugins\n"
+        "print(was, is_installed(), guards.is_guarded(prepare_plugins), cfg.lora_mlp_kernel)\n"
+    )
+    env = dict(os.environ, PEFT_GRALORA_DISABLE="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, write_yaml(workspace, "cfg-disabled")], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-4:] == ["False", "True", "True", "False"]
+
+
 def test_plugin_switches_off_the_fused_kernels_and_selects_the_exact_merge(workspace):
     cfg = load_cfg(write_yaml(workspace, "cfg-ok"))
     assert all(cfg[key] is False for key in KERNEL_KEYS)

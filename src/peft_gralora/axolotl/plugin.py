@@ -41,6 +41,10 @@ class GraLoraPlugin(BasePlugin):
         guards.apply()  # also where the import hook is off (PEFT_GRALORA_DISABLE) or axolotl came first
         check_config(cfg)
         if cfg.get("use_gralora"):
+            # the plugin line is an explicit request: install GraLoRA into peft even where the import hook is off
+            from .. import install
+
+            install()
             for line in apply_defaults(cfg):
                 LOG.info(line)
 
