@@ -51,3 +51,4 @@ def unregister() -> None:
 
 
 register()
+disabled() or __import__("peft_gralora.axolotl._import_hook")  # guards axolotl's plain-LoRA paths (axolotl/guards.py)
