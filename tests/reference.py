@@ -66,12 +66,16 @@ def upstream_dense_delta(gralora_A, gralora_B, general_A=None, general_B=None) -
     return delta
 
 
-def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's adapted weight, float64 ``(out, in)``: ``diag(m / ||W + dW||_row) (W + dW)``.
+def dora_weight(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DoRA's adapted weight, float64 ``(out, in)``: ``diag(m / ||W0 + dW||_row) (W + dW)``, ``W0 = norm_weight``.
 
-    ``weight`` and ``delta`` (already scaled) are ``(out, in)``, ``magnitude`` ``(out,)``. The row norm is a constant
-    for autograd, as in DoRA (and peft): gradients do not flow through it.
+    ``weight`` and ``delta`` (already scaled) are ``(out, in)``, ``magnitude`` ``(out,)``. ``norm_weight`` defaults to
+    ``weight``; with several DoRA adapters applied in turn, ``weight`` is what the earlier ones left and the norm is
+    still taken with the base weight (``norm_weight``), as peft's forward rescales. The row norm is a constant for
+    autograd, as in DoRA (and peft): gradients do not flow through it.
     """
-    adapted = weight.double() + delta.double()
-    norm = torch.linalg.norm(adapted, dim=1).detach()
-    return (magnitude.double() / norm)[:, None] * adapted
+    norm_weight = weight if norm_weight is None else norm_weight
+    norm = torch.linalg.norm(norm_weight.double() + delta.double(), dim=1).detach()
+    return (magnitude.double() / norm)[:, None] * (weight.double() + delta.double())

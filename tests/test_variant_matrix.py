@@ -156,12 +156,17 @@ class Factors:
     h: int
     fan_in_fan_out: bool
 
-    def adapted(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight with this adapter applied, both in the base weight's layout (differentiable, float64)."""
-        w = weight.T if self.fan_in_fan_out else weight  # (out, in)
+    def adapted(self, weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the base weight with earlier adapters applied) with this adapter applied, in the base weight's
+        layout (differentiable, float64). DoRA's row norm is taken with ``base_weight``, as forward and merge do."""
+
+        def t(w: torch.Tensor) -> torch.Tensor:  # (out, in) <-> the base weight's layout
+            return w.T if self.fan_in_fan_out else w
+
         delta = dense_delta(self.A, self.B, self.k, self.h) * self.scaling
-        w = w + delta if self.magnitude is None else dora_weight(w, delta, self.magnitude)
-        return w.T if self.fan_in_fan_out else w
+        if self.magnitude is None:
+            return t(t(weight) + delta)
+        return t(dora_weight(t(weight), delta, self.magnitude, norm_weight=t(base_weight)))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -197,7 +202,8 @@ def reference(base: nn.Module, x: torch.Tensor, *adapters: dict[str, Factors]):
     params = {name: p.detach().double() for name, p in base.named_parameters()}
     for layer_factors in adapters:
         for name, f in layer_factors.items():
-            params[f"{name}.weight"] = f.adapted(params[f"{name}.weight"])
+            base_weight = base.get_submodule(name).weight.detach().double()
+            params[f"{name}.weight"] = f.adapted(params[f"{name}.weight"], base_weight)
             if f.bias is not None:
                 params[f"{name}.bias"] = params[f"{name}.bias"] + f.bias * f.scaling
     return functional_call(base, params, (x.double(),))
@@ -209,7 +215,8 @@ def expected_weights(base: nn.Module, *adapters: dict[str, Factors]) -> dict[str
     for layer_factors in adapters:
         for name, f in layer_factors.items():
             layer = base.get_submodule(name)
-            out[f"{name}.weight"] = f.adapted(out.get(f"{name}.weight", layer.weight.double())).detach()
+            weight = layer.weight.detach().double()
+            out[f"{name}.weight"] = f.adapted(out.get(f"{name}.weight", weight), weight).detach()
             if f.bias is not None:
                 out[f"{name}.bias"] = out.get(f"{name}.bias", layer.bias.double()) + f.bias * f.scaling
     return out
@@ -395,10 +402,6 @@ def test_multiple_adapters_and_set_adapter(case):
         assert_close(model(x), reference(base, x, ref_other), case)
         model.set_adapter("default")
         assert_close(model(x), reference(base, x, ref_default), case)
-        if case.dora:
-            # several DoRA adapters at once compose as peft's DoRA defines it (each rescales the output of those
-            # before it in forward, the merged weight in merge), not as a sum of deltas: that is not GraLoRA's part
-            return
         model.base_model.set_adapter(["default", "other"])
         assert_close(model(x), reference(base, x, ref_default, ref_other), case)
         model.merge_adapter()
