@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from tests.reference import dense_delta, dense_output
+from tests.reference import block, dense_delta, dense_output
 
 IN, OUT = 64, 48  # divisible by k = 1, 2, 4, 8
 
@@ -104,11 +104,10 @@ def test_2_block_structure():
     m, n = OUT // k, IN // k
     for i in range(k):
         for j in range(k):
-            block = delta[i * m : (i + 1) * m, j * n : (j + 1) * n]
-            # the (i, j) block uses rows i*s.. of A's column block j and columns j*s.. of B's row block i
-            expected = B[i * m : (i + 1) * m, j * s : (j + 1) * s] @ A[i * s : (i + 1) * s, j * n : (j + 1) * n]
-            torch.testing.assert_close(block, scaling(cfg) * expected.double().detach(), atol=1e-6, rtol=1e-5)
-            assert rank(block) == s
+            # the (i, j) block of delta W is B_ij A_ij alone (tests/reference.py), of rank s
+            delta_ij = delta[i * m : (i + 1) * m, j * n : (j + 1) * n]
+            torch.testing.assert_close(delta_ij, scaling(cfg) * block(A, B, k, 0, i, j), atol=1e-6, rtol=1e-5)
+            assert rank(delta_ij) == s
     assert rank(delta) == min(k * r, IN, OUT) == 32
     _, lora_model = make(LoraConfig(r=r, target_modules=["proj"], init_lora_weights=False))
     assert rank(lora_model.base_model.model.proj.get_delta_weight("default")) == r
@@ -201,33 +200,18 @@ def test_6_save_load():
 def test_7_training_gradients():
     """Gradients equal the block formula's, reach only the adapter, stay within their output block; loss falls."""
     r, k = 8, 4
-    s, m, n = r // k, OUT // k, IN // k
+    s, m = r // k, OUT // k
     cfg = gralora(r=r, k=k)
     _, model = make(cfg)
     proj = model.base_model.model.proj
     x = torch.randn(6, IN)
     seed = torch.randn(6, OUT)
-    # loss = <proj(x), G>, so dL/d(delta W) = scaling * G^T x and, block by block,
-    # dL/dA_ij = B_ij^T dW_ij and dL/dB_ij = dW_ij A_ij^T
     (proj(x) * seed).sum().backward()
-    dW = scaling(cfg) * (seed.T @ x).double()
-    A, B = (w.detach().double() for w in factors(proj))
-    for i in range(k):
-        for j in range(k):
-            rows, cols, ranks = slice(i * m, (i + 1) * m), slice(j * n, (j + 1) * n), slice(j * s, (j + 1) * s)
-            a_rows = slice(i * s, (i + 1) * s)
-            torch.testing.assert_close(
-                proj.lora_A["default"].weight.grad[a_rows, cols].double(),
-                B[rows, ranks].T @ dW[rows, cols],
-                atol=1e-5,
-                rtol=1e-5,
-            )
-            torch.testing.assert_close(
-                proj.lora_B["default"].weight.grad[rows, ranks].double(),
-                dW[rows, cols] @ A[a_rows, cols].T,
-                atol=1e-5,
-                rtol=1e-5,
-            )
+    # the same loss through the dense block formula, differentiated by autograd in float64
+    A, B = (w.detach().double().requires_grad_() for w in factors(proj))
+    (scaling(cfg) * dense_output(x, A, B, k, 0) * seed.double()).sum().backward()
+    torch.testing.assert_close(proj.lora_A["default"].weight.grad.double(), A.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(proj.lora_B["default"].weight.grad.double(), B.grad, atol=1e-5, rtol=1e-5)
     assert proj.base_layer.weight.grad is None and proj.base_layer.bias.grad is None
     model.zero_grad()
 

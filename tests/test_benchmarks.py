@@ -10,6 +10,8 @@ import torch
 
 from benchmarks import layer, quality, run, startup
 from benchmarks.common import interleaved_times, peak_alloc_bytes, saved_bytes, summarize
+from peft_gralora.functional import variant_to_upstream
+from tests.reference import dense_output
 
 
 def test_layer_case_runs_on_a_tiny_shape():
@@ -28,19 +30,37 @@ def test_layer_case_runs_on_a_tiny_shape():
     assert summ["r<=64"]["gralora/lora"]["n"] == 1
 
 
-def test_the_three_methods_compute_the_same_layer():
-    """Same base weight and same rank: with every adapter B zeroed all three are the base layer."""
-    models = layer.build_models(16, 4, 2, 0)
+@pytest.mark.parametrize(("k", "h"), [(1, 0), (2, 0), (2, 2)])
+def test_the_three_methods_compute_the_same_layer(k, h):
+    """Same base layer and scaling, and one non-zero adapter carried across the layouts: GraLoRA's lora_A / lora_B,
+    upstream's gralora_A / gralora_B (+ the hybrid general_A / general_B) and, at k = 1 (where GraLoRA is LoRA), plain
+    LoRA's own factors. Each model computes base + scaling * the dense block formula of tests/reference.py."""
+    models = layer.build_models(16, 4, k, h)
+    proj = {method: model.base_model.model.proj for method, model in models.items()}
+    base = proj["lora"].get_base_layer()
+    for method, module in proj.items():
+        assert torch.equal(module.get_base_layer().weight, base.weight), method
+        assert torch.equal(module.get_base_layer().bias, base.bias), method
+    weight_A, weight_B = proj["gralora"].lora_A["default"].weight, proj["gralora"].lora_B["default"].weight
+    upstream = proj["upstream"]
+    with torch.no_grad():
+        if k == 1:
+            weight_A.copy_(proj["lora"].lora_A["default"].weight)
+            weight_B.copy_(proj["lora"].lora_B["default"].weight)
+        gralora_A, gralora_B, general_A, general_B = variant_to_upstream(weight_A, weight_B, k, h)
+        upstream.gralora_A["default"].copy_(gralora_A)
+        upstream.gralora_B["default"].copy_(gralora_B)
+        if h:
+            upstream.gralora_A_general["default"].weight.copy_(general_A)
+            upstream.gralora_B_general["default"].weight.copy_(general_B)
+    assert torch.count_nonzero(weight_B) == weight_B.numel()  # no zero B: an adapter that does nothing fails
     x = torch.randn(3, 16)
-    outs = []
-    for model in models.values():
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name or "gralora_B" in name:
-                    p.zero_()
-            outs.append(model(x))
-    torch.testing.assert_close(outs[0], outs[1])
-    torch.testing.assert_close(outs[0], outs[2])
+    with torch.no_grad():
+        expected = base(x).double() + proj["gralora"].scaling["default"] * dense_output(x, weight_A, weight_B, k, h)
+        assert (expected - base(x).double()).abs().max() > 1e-3
+        for method, model in models.items():
+            if method != "lora" or k == 1:  # at k > 1 LoRA's rank-r delta is another function, by design
+                torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-6, msg=method)
 
 
 def test_memory_probes_see_torch_tensors():

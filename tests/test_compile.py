@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from tests.models import TinyMLP, tiny_llama
+from tests.reference import dense_output
 
 KINDS = {
     "gralora": dict(use_gralora=True, gralora_k=2),
@@ -120,28 +121,10 @@ def test_inductor_compiles_gralora_training():
         torch.testing.assert_close(grad, eager_grads[name], **TOL, msg=name)
 
 
-def _dense(weight_A, weight_B, k: int = 2, h: int = 2):
-    """delta W (out, in), differentiable, written loop by loop from the block formula (block (i, j) = B_ij A_ij)."""
-    g = weight_A.shape[0] - h
-    s, n, m = g // k, weight_A.shape[1] // k, weight_B.shape[0] // k
-    rows = [
-        torch.cat(
-            [
-                weight_B[i * m : (i + 1) * m, j * s : (j + 1) * s] @ weight_A[i * s : (i + 1) * s, j * n : (j + 1) * n]
-                for j in range(k)
-            ],
-            dim=1,
-        )
-        for i in range(k)
-    ]
-    return torch.cat(rows, dim=0) + weight_B[:, g:] @ weight_A[g:]
-
-
 @pytest.mark.parametrize("registered", [True, False])
 def test_functional_forward_compiles_with_or_without_the_custom_ops(monkeypatch, registered):
     """``gralora_forward`` compiled on its own: through the custom op once registered, through plain ops before."""
     from peft_gralora import functional
-    from tests.reference import dense_output
 
     ops = functional.register_compile_ops()
     monkeypatch.setattr(functional, "COMPILE_OPS", ops if registered else [])
@@ -153,9 +136,7 @@ def test_functional_forward_compiles_with_or_without_the_custom_ops(monkeypatch,
     y.sum().backward()
     assert counter.frame_count == 1
     torch.testing.assert_close(y.double(), dense_output(x, weight_A, weight_B, 2, 2), **TOL)
-    expected = torch.func.grad(lambda a: (x.double() @ _dense(a, weight_B.double()).T).sum())(
-        weight_A.detach().double()
-    )
+    expected = torch.func.grad(lambda a: dense_output(x, a, weight_B, 2, 2).sum())(weight_A.detach().double())
     torch.testing.assert_close(weight_A.grad.double(), expected, **TOL)
 
 
@@ -165,7 +146,6 @@ def test_compiled_add_forward_matches_the_block_formula(monkeypatch, mode, h):
     """``gralora_add_forward`` as dynamo traces it (bias, hybrid, autocast) against the dense formula, with
     gradients for every operand; an invalid adapter is refused while tracing, as in eager mode."""
     from peft_gralora import functional
-    from tests.reference import dense_output
 
     ops = functional.register_compile_ops()
     monkeypatch.setattr(functional, "COMPILE_OPS", [] if mode == "plain ops" else ops)

@@ -23,7 +23,7 @@ from peft_gralora.functional import (
     upstream_to_variant,
     variant_to_upstream,
 )
-from tests.reference import dense_delta, dense_output
+from tests.reference import dense_delta, dense_output, upstream_dense_delta
 
 PROPS = settings(max_examples=40, deadline=None)
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -43,23 +43,6 @@ def random_factors(k, s, h, n, m, seed):
     weight_A = torch.randn(r, k * n, generator=gen, dtype=torch.float64)
     weight_B = torch.randn(k * m, r, generator=gen, dtype=torch.float64)
     return weight_A, weight_B
-
-
-def upstream_dense_delta(gralora_A, gralora_B, general_A, general_B):
-    """delta W (out, in) from upstream's layout, written from the formula for upstream block (j, n) in docs/design.md
-    ("The math")."""
-    k, n, g = gralora_A.shape
-    m = gralora_B.shape[2]
-    s = g // k
-    delta = torch.zeros(k * m, k * n, dtype=torch.float64)
-    for j in range(k):  # output block
-        for c in range(k):  # input block
-            b = gralora_B[j, c * s : (c + 1) * s, :].T  # (m, s)
-            a = gralora_A[c, :, j * s : (j + 1) * s].T  # (s, n)
-            delta[j * m : (j + 1) * m, c * n : (c + 1) * n] = b @ a
-    if general_A is not None:
-        delta += general_B @ general_A
-    return delta
 
 
 seeds = st.integers(0, 2**16)

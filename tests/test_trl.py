@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.finetune_helpers import save_tiny_model, task_records
+from tests.reference import dense_output
 
 trl = pytest.importorskip("trl")
 
@@ -74,12 +75,24 @@ def test_sft_trainer_with_gralora_lora_config(tmp_path):
 
 
 def test_hybrid_forward_under_cpu_autocast():
-    """Regression: SFTTrainer trains under bf16 autocast on CPU; the hybrid branch must follow autocast's casts."""
+    """Regression: SFTTrainer trains under bf16 autocast on CPU; the hybrid branch must follow autocast's casts.
+
+    The reference is the dense block formula (tests/reference.py) in float64 on the bf16-rounded operands; what is
+    left is bf16 rounding of the latent and of the output, bounded by a few units of roundoff (2^-8) times the same
+    formula on absolute values (the standard bound for a product chain; measured worst 1.5 over 1000 seeds)."""
     from peft_gralora.functional import gralora_forward
 
-    x, weight_A, weight_B = torch.randn(3, 8), torch.randn(6, 8), torch.randn(8, 6)
-    reference = gralora_forward(x, weight_A, weight_B, 2, 2)
+    gen = torch.Generator().manual_seed(0)
+    x, weight_A, weight_B = (
+        torch.randn(3, 8, generator=gen),
+        torch.randn(6, 8, generator=gen),
+        torch.randn(8, 6, generator=gen),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = gralora_forward(x, weight_A, weight_B, 2, 2)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), reference, atol=0.1 * float(reference.abs().max()), rtol=0)
+    operands = [t.bfloat16() for t in (x, weight_A, weight_B)]
+    expected = dense_output(*operands, 2, 2)
+    bound = 2**-8 * dense_output(*(t.abs() for t in operands), 2, 2)
+    error = (y.double() - expected).abs()
+    assert (error <= 3 * bound).all(), (error / bound).max()

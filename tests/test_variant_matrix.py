@@ -1,9 +1,11 @@
 """One matrix of GraLoRA configs x the generic LoRA operations of peft, checked against an independent dense model.
 
-The reference replaces every targeted weight W by ``W + scaling * delta W`` (delta W from tests/reference.py, or from
-the differentiable block loop below for gradients) and runs the untouched base model through ``functional_call`` in
-float64. Every adapter starts with random, non-zero A *and* B (``init_lora_weights=False``) or is trained first, so no
-merge check can pass with a zero delta.
+The reference replaces every targeted weight W by ``W + scaling * delta W`` (delta W from tests/reference.py, which is
+differentiable, so gradients come from autograd through it) and runs the untouched base model through
+``functional_call`` in float64. GraLoRA + DoRA (``use_dora=True``) is an axis of the matrix: its reference weight is
+DoRA's ``diag(m / ||W + scaling * delta W||_row) (W + scaling * delta W)`` (tests/reference.py ``dora_weight``), with
+magnitudes moved away from their init so that the rescaling is not the identity. Every adapter starts with random,
+non-zero A *and* B (``init_lora_weights=False``) or is trained first, so no merge check can pass with a zero delta.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from tests.models import TinyConv1DNet, TinyMLP
-from tests.reference import dense_delta
+from tests.reference import dense_delta, dora_weight
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Case:
     bias: bool = False
     dtype: torch.dtype = torch.float32
     arch: str = "linear"  # "linear": nn.Linear (TinyMLP); "conv1d": transformers Conv1D (fan_in_fan_out)
+    dora: bool = False  # GraLoRA + DoRA (peft refuses lora_bias with DoRA, so never both)
 
     @property
     def hybrid_r(self) -> int:
@@ -56,6 +59,7 @@ class Case:
             use_rslora=self.rslora,
             lora_bias=self.bias,
             fan_in_fan_out=self.arch == "conv1d",
+            use_dora=self.dora,
             init_lora_weights=False,  # random B: merges and outputs cannot agree by accident
         )
         return LoraConfig(**{**kw, **overrides})
@@ -87,7 +91,7 @@ class Case:
 
     def __str__(self) -> str:
         flags = [f"k{self.k}", "hyb" if self.hybrid else "pure", self.arch, str(self.dtype).removeprefix("torch.")]
-        flags += ["rslora"] * self.rslora + ["bias"] * self.bias
+        flags += ["rslora"] * self.rslora + ["bias"] * self.bias + ["dora"] * self.dora
         return "-".join(flags)
 
 
@@ -104,6 +108,18 @@ def _all_cases() -> list[Case]:
         Case(k, hybrid=k % 2 == 1, bias=k > 2, dtype=torch.bfloat16, arch=arch)
         for k, arch in zip((1, 2, 3, 4), ("linear", "conv1d", "linear", "conv1d"), strict=True)
     ]
+    # the DoRA axis: every k, both hybrid settings, both layer types and rslora, each at least once; one in bf16
+    cases += [
+        Case(k, hybrid, rslora=k == 4, arch=arch, dora=True)
+        for k, hybrid, arch in (
+            (1, False, "linear"),
+            (2, False, "linear"),
+            (2, True, "conv1d"),
+            (3, True, "linear"),
+            (4, False, "conv1d"),
+        )
+    ]
+    cases.append(Case(2, True, dtype=torch.bfloat16, arch="linear", dora=True))
     return cases
 
 
@@ -115,6 +131,8 @@ SUBSET = [
     Case(3, True, bias=True, arch="conv1d"),
     Case(1, False),
     Case(2, True, dtype=torch.bfloat16, arch="conv1d"),
+    Case(2, True, arch="conv1d", dora=True),
+    Case(4, False, rslora=True, dora=True),
 ]
 all_cases = pytest.mark.parametrize("case", ALL, ids=str)
 subset = pytest.mark.parametrize("case", SUBSET, ids=str)
@@ -125,19 +143,6 @@ subset = pytest.mark.parametrize("case", SUBSET, ids=str)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def block_delta(weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, h: int) -> torch.Tensor:
-    """Differentiable delta W: the grid of blocks B_ij A_ij concatenated, plus B_h A_h (a loop, no reshapes)."""
-    g = weight_A.shape[0] - h
-    s = g // k
-    a_rows = weight_A[:g].chunk(k, dim=0)  # a_rows[i]: (s, in) = [A_i1 ... A_ik]
-    b_rows = weight_B[:, :g].chunk(k, dim=0)  # b_rows[i]: (out/k, g) = [B_i1 ... B_ik]
-    rows = []
-    for i in range(k):
-        a_blocks = a_rows[i].chunk(k, dim=1)  # A_ij: (s, in/k)
-        rows.append(torch.cat([b_rows[i][:, j * s : (j + 1) * s] @ a_blocks[j] for j in range(k)], dim=1))
-    return torch.cat(rows, dim=0) + weight_B[:, g:] @ weight_A[g:]
-
-
 @dataclass
 class Factors:
     """One layer's adapter, copied out of the peft model in float64."""
@@ -145,15 +150,23 @@ class Factors:
     A: torch.Tensor
     B: torch.Tensor
     bias: torch.Tensor | None
+    magnitude: torch.Tensor | None  # DoRA's m (out,), None without DoRA
     scaling: float
     k: int
     h: int
     fan_in_fan_out: bool
 
-    def delta(self) -> torch.Tensor:
-        """scaling * delta W in the base weight's layout, from tests/reference.py."""
-        d = dense_delta(self.A, self.B, self.k, self.h) * self.scaling
-        return d.T if self.fan_in_fan_out else d
+    def adapted(self, weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the base weight with earlier adapters applied) with this adapter applied, in the base weight's
+        layout (differentiable, float64). DoRA's row norm is taken with ``base_weight``, as forward and merge do."""
+
+        def t(w: torch.Tensor) -> torch.Tensor:  # (out, in) <-> the base weight's layout
+            return w.T if self.fan_in_fan_out else w
+
+        delta = dense_delta(self.A, self.B, self.k, self.h) * self.scaling
+        if self.magnitude is None:
+            return t(t(weight) + delta)
+        return t(dora_weight(t(weight), delta, self.magnitude, norm_weight=t(base_weight)))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -169,10 +182,12 @@ def factors(model: nn.Module, adapter: str = "default", requires_grad: bool = Fa
             return t.detach().double().clone().requires_grad_(requires_grad)
 
         gralora = getattr(layer, "gralora_k", {}).get(adapter)
+        magnitude = layer.lora_magnitude_vector[adapter].weight if adapter in layer.lora_magnitude_vector else None
         out[name] = Factors(
             copy_(layer.lora_A[adapter].weight),
             copy_(lin_B.weight),
             None if lin_B.bias is None else copy_(lin_B.bias),
+            None if magnitude is None else copy_(magnitude),
             layer.scaling[adapter],
             gralora or 1,  # a plain LoRA adapter is GraLoRA with k=1, h=0
             layer.hybrid_r[adapter] if gralora else 0,
@@ -181,17 +196,14 @@ def factors(model: nn.Module, adapter: str = "default", requires_grad: bool = Fa
     return out
 
 
-def reference(base: nn.Module, x: torch.Tensor, *adapters: dict[str, Factors], autograd: bool = False):
-    """float64 output of the untouched ``base`` with every adapter's delta added to its weights (and lora bias)."""
+def reference(base: nn.Module, x: torch.Tensor, *adapters: dict[str, Factors]):
+    """float64 output of the untouched ``base`` with every adapter applied to its weights (and lora bias) in turn;
+    differentiable in the factors, for the gradient checks."""
     params = {name: p.detach().double() for name, p in base.named_parameters()}
     for layer_factors in adapters:
         for name, f in layer_factors.items():
-            if autograd:
-                d = block_delta(f.A, f.B, f.k, f.h) * f.scaling
-                d = d.T if f.fan_in_fan_out else d
-            else:
-                d = f.delta()
-            params[f"{name}.weight"] = params[f"{name}.weight"] + d
+            base_weight = base.get_submodule(name).weight.detach().double()
+            params[f"{name}.weight"] = f.adapted(params[f"{name}.weight"], base_weight)
             if f.bias is not None:
                 params[f"{name}.bias"] = params[f"{name}.bias"] + f.bias * f.scaling
     return functional_call(base, params, (x.double(),))
@@ -203,7 +215,8 @@ def expected_weights(base: nn.Module, *adapters: dict[str, Factors]) -> dict[str
     for layer_factors in adapters:
         for name, f in layer_factors.items():
             layer = base.get_submodule(name)
-            out[f"{name}.weight"] = out.get(f"{name}.weight", layer.weight.double()) + f.delta()
+            weight = layer.weight.detach().double()
+            out[f"{name}.weight"] = f.adapted(out.get(f"{name}.weight", weight), weight).detach()
             if f.bias is not None:
                 out[f"{name}.bias"] = out.get(f"{name}.bias", layer.bias.double()) + f.bias * f.scaling
     return out
@@ -228,11 +241,24 @@ def assert_weights(actual: dict, expected: dict, case: Case) -> None:
         assert_close(actual[key], value, case)
 
 
+def move_magnitudes(model: nn.Module, adapter: str = "default") -> None:
+    """Scale DoRA's magnitudes by random factors in [0.5, 1.5]: at init ``m = ||W + s dW||`` and DoRA's rescaling is
+    the identity, which a GraLoRA adapter without DoRA would pass too."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            if adapter in layer.lora_magnitude_vector:
+                m = layer.lora_magnitude_vector[adapter].weight
+                m.mul_((0.5 + torch.rand(m.shape, generator=gen)).to(m.dtype))
+
+
 def build(case: Case, **overrides) -> tuple[PeftModel, nn.Module]:
-    """The peft model and an untouched copy of its base model."""
+    """The peft model (DoRA magnitudes moved) and an untouched copy of its base model."""
     base = case.base()
     untouched = copy.deepcopy(base)
-    return get_peft_model(base, case.config(**overrides)).eval(), untouched
+    model = get_peft_model(base, case.config(**overrides)).eval()
+    move_magnitudes(model)
+    return model, untouched
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,7 +284,7 @@ def test_backward_matches_autograd_through_dense_reference(case):
     probe = torch.randn(2, 3, 6 if case.k == 3 else 8)  # a loss that weights every output differently
     (model(x).float() * probe).sum().backward()
     ref = factors(model, requires_grad=True)
-    (reference(base, x, ref, autograd=True) * probe.double()).sum().backward()
+    (reference(base, x, ref) * probe.double()).sum().backward()
     # in bf16 the base layers' activations are bf16, so the gradients are only as exact as bf16 (case.tol)
     for name, layer in lora_layers(model).items():
         f = ref[name]
@@ -266,6 +292,8 @@ def test_backward_matches_autograd_through_dense_reference(case):
         assert_close(layer.lora_B["default"].weight.grad, f.B.grad, case)
         if case.bias:
             assert_close(layer.lora_B["default"].bias.grad, f.bias.grad, case)
+        if case.dora:
+            assert_close(layer.lora_magnitude_vector["default"].weight.grad, f.magnitude.grad, case)
         assert layer.get_base_layer().weight.grad is None  # the base stays frozen
 
 
@@ -316,7 +344,7 @@ def test_trainable_parameters_equal_plain_lora(case):
     assert n_trainable == plain.get_nb_trainable_parameters()
     # and it is LoRA's r (in + out) per layer: no hidden parameters next to lora_A / lora_B
     expected = sum(
-        case.r * (layer.in_features + layer.out_features) + layer.out_features * case.bias
+        case.r * (layer.in_features + layer.out_features) + layer.out_features * (case.bias + case.dora)
         for layer in lora_layers(gralora).values()
     )
     assert n_trainable[0] == expected
@@ -350,6 +378,9 @@ def test_save_load_reload_is_bit_exact(case, tmp_path):
     assert (saved["use_gralora"], saved["gralora_k"], saved["hybrid_r"]) == (True, case.k, case.hybrid_r)
     loaded = PeftModel.from_pretrained(case.base(), tmp_path).eval()
     assert loaded.peft_config["default"].gralora_k == case.k
+    assert loaded.peft_config["default"].use_dora == case.dora
+    for name, layer in lora_layers(loaded).items():  # GraLoRA's variant (or GraLoRA + DoRA's), not peft's own
+        assert type(layer.lora_variant["default"]) is type(lora_layers(model)[name].lora_variant["default"])
     before, after = model.state_dict(), loaded.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key]) for key in before)
@@ -363,6 +394,7 @@ def test_multiple_adapters_and_set_adapter(case):
     # a second GraLoRA adapter with another sub-block rank (3) and the hybrid setting flipped
     other_h = 2 - case.hybrid_r
     model.add_adapter("other", case.config(r=3 * case.k + other_h, hybrid_r=other_h))
+    move_magnitudes(model, "other")
     x = case.input()
     ref_default, ref_other = factors(model, "default"), factors(model, "other")
     with torch.no_grad():
@@ -384,7 +416,7 @@ def test_delete_adapter(case):
     model.delete_adapter("other")
     assert model.active_adapters == ["default"]
     for layer in lora_layers(model).values():
-        for attr in ("lora_A", "lora_B", "scaling", "gralora_k", "hybrid_r"):
+        for attr in ("lora_A", "lora_B", "scaling", "gralora_k", "hybrid_r", "lora_magnitude_vector"):
             assert "other" not in getattr(layer, attr)
     assert not any("other" in key for key in model.state_dict())
     x = case.input()
@@ -398,6 +430,10 @@ def test_mixed_batch_with_base_gralora_and_plain_lora(case):
     model.add_adapter("plain", case.config(use_gralora=False, r=3))
     names = ["default", "__base__", "plain", "default", "plain"]
     x = case.input(len(names), 3)
+    if case.dora:  # as for plain DoRA: refused before anything runs
+        with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+            model(x, adapter_names=names)
+        return
     with torch.no_grad():
         mixed = model(x, adapter_names=names)
     expected = {
