@@ -35,7 +35,7 @@ MISSING = object()
 
 def _owner_entries() -> dict[tuple[type, str], object]:
     """Each patched attribute as its owner's own ``__dict__`` holds it (MISSING where it is inherited or absent)."""
-    return {(owner, attr): owner.__dict__.get(attr, MISSING) for owner, attr, _ in patch_table()}
+    return {(owner, attr): owner.__dict__.get(attr, MISSING) for owner, attr, *_ in patch_table()}
 
 
 def _gralora_config(**kwargs) -> LoraConfig:
