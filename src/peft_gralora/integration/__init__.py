@@ -34,6 +34,8 @@ from . import layers as _layers
 from . import loading as _loading
 from . import lora_config as _lora_config
 from . import model as _model
+from . import model_card as _model_card
+from . import saved_layout as _saved_layout
 from . import variant_registry as _variant_registry
 from ._targets import peft_targets
 from .patch import Patch, render_markdown
@@ -125,6 +127,8 @@ def patch_table() -> list[Patch]:
         *_loading.patches(),
         *_variant_registry.patches(),
         *_distributed.patches(),
+        *_model_card.patches(),
+        *_saved_layout.patches(),
     ]
 
 
@@ -178,8 +182,12 @@ def install() -> None:
         if is_installed():
             return
         check_peft_version()
-        # the refusal of auto_install, if in place: its __init__ must not be taken for peft's own
+        # the refusal of auto_install, if in place: its __init__ must not be taken for peft's own; the warning of
+        # PEFT_GRALORA_DISABLE=1, if in place: GraLoRA adapters load as GraLoRA from now on
         uninstall()
+        from .._disabled_notice import remove as remove_disabled_notice
+
+        remove_disabled_notice()
         table = patch_table()
         cfg = peft_targets()["LoraConfig"]
         fields = _lora_config.gralora_fields()

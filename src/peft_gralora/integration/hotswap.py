@@ -34,6 +34,7 @@ import torch
 from ..functional import gralora_fit_factors, gralora_shape
 from ..variant import is_gralora_adapter
 from .patch import Patch
+from .saved_layout import check_loaded_state_dict
 
 __all__ = ["patches", "padded_layout"]
 
@@ -179,6 +180,7 @@ def _make_hotswap_adapter_from_state_dict(original: Callable) -> Callable:
         config: Any,
         parameter_prefix: str = "lora_",
     ) -> None:
+        check_loaded_state_dict(state_dict, config)
         incoming_gralora = bool(getattr(config, "use_gralora", False))
         from peft.tuners.lora import LoraLayer
 

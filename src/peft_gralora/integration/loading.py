@@ -33,6 +33,7 @@ from ..convert import AdapterConversionError, fork_to_variant_state_dict, has_fo
 from ._targets import modules_binding
 from .model import _remove_injected
 from .patch import Patch
+from .saved_layout import check_loaded_state_dict
 
 __all__ = ["patches", "convert_fork_state_dict"]
 
@@ -99,6 +100,7 @@ def _make_set_peft_model_state_dict(original: Callable) -> Callable:
     def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name="default", *args: Any, **kwargs: Any):
         configs = getattr(model, "peft_config", None)
         config = configs.get(adapter_name) if isinstance(configs, dict) else None
+        check_loaded_state_dict(peft_model_state_dict, config)
         state_dict = convert_fork_state_dict(config, peft_model_state_dict, adapter_name)
         return original(model, state_dict, adapter_name, *args, **kwargs)
 
