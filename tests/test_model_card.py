@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
 
 from tests.gralora_mlp_reference import gralora_mlp
 from tests.models import TinyMLP
+
+try:  # imported while GraLoRA is installed (the module builds GraLoRA configs at import time)
+    from tests.test_diffusers import UNetPipe, _config, _unet
+except ImportError:  # diffusers not installed
+    _unet = None
 
 
 def test_card_of_a_new_folder(tmp_path):
@@ -55,3 +61,18 @@ def test_card_lists_every_gralora_adapter(tmp_path):
     text = ModelCard.load(tmp_path / "README.md").text
     assert "| `default` | 4 | 2 | 0 |" in text and "| `other` | 8 | 4 | 4 |" in text
     assert "`plain`" not in text
+
+
+def test_diffusers_saves_write_the_card(tmp_path):
+    if _unet is None:
+        pytest.skip("diffusers is not installed")
+    from peft.utils import get_peft_model_state_dict
+
+    unet = _unet()
+    unet.add_adapter(_config(r=6, k=2, h=2))
+    unet.save_lora_adapter(tmp_path / "adapter")
+    UNetPipe.save_lora_weights(tmp_path / "pipe", unet_lora_layers=get_peft_model_state_dict(unet))
+    for folder, name in ((tmp_path / "adapter", "default"), (tmp_path / "pipe", "unet")):
+        card = ModelCard.load(folder / "README.md")
+        assert {"gralora", "peft-gralora"} <= set(card.data.tags)
+        assert f"| `{name}` | 6 | 2 | 2 |" in card.text and "peft-gralora export-lora" in card.text

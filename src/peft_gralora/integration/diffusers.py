@@ -31,6 +31,7 @@ import contextvars
 import copy
 import functools
 import importlib.util
+import os
 import sys
 import weakref
 from collections.abc import Callable
@@ -260,6 +261,14 @@ def _metadata_for_save(prefix: str, layers: Any, given: dict | None, safe_serial
     return given
 
 
+def _write_card(save_directory: Any, adapters: dict) -> None:
+    """The GraLoRA model card next to a diffusers LoRA file (GraLoRA components / adapters only)."""
+    from .model_card import write_gralora_model_card
+
+    if isinstance(save_directory, (str, os.PathLike)) and os.path.isdir(save_directory):
+        write_gralora_model_card(save_directory, {name: meta for name, meta in adapters.items() if meta})
+
+
 def _make_save_lora_weights(original: Any) -> classmethod:
     func = original.__func__
 
@@ -269,7 +278,9 @@ def _make_save_lora_weights(original: Any) -> classmethod:
         lora_metadata = dict(lora_metadata)
         for prefix, layers in lora_layers.items():
             lora_metadata[prefix] = _metadata_for_save(prefix, layers, lora_metadata.get(prefix), safe)
-        return func(cls, save_directory, lora_layers, lora_metadata, *args, **kwargs)
+        result = func(cls, save_directory, lora_layers, lora_metadata, *args, **kwargs)
+        _write_card(save_directory, lora_metadata)
+        return result
 
     return classmethod(_save_lora_weights)
 
@@ -289,7 +300,10 @@ def _make_save_lora_adapter(original: Callable) -> Callable:
                 "lives only in the adapter metadata of the safetensors header; a torch.save file has none and would "
                 "load as plain LoRA."
             )
-        return original(self, save_directory, adapter_name, *args, **kwargs)
+        result = original(self, save_directory, adapter_name, *args, **kwargs)
+        if getattr(config, "use_gralora", False):
+            _write_card(save_directory, {adapter_name: config})
+        return result
 
     return save_lora_adapter
 
@@ -411,7 +425,7 @@ def _module_rows(name: str) -> list[Patch]:
                 _make_save_lora_weights,
                 "every pipeline's save_lora_weights ends here: writes the remembered GraLoRA config as the "
                 "component's adapter metadata when none is given; refuses contradicting metadata, mixed state dicts "
-                "and safe_serialization=False",
+                "and safe_serialization=False; writes the GraLoRA model card",
             ),
             Patch(module, "_create_lora_config", _make_create_lora_config, _WHY_CREATE),
         ]
@@ -427,7 +441,7 @@ def _module_rows(name: str) -> list[Patch]:
             "save_lora_adapter",
             _make_save_lora_adapter,
             "refuses safe_serialization=False for a GraLoRA adapter (torch.save files carry no metadata and would "
-            "load as plain LoRA)",
+            "load as plain LoRA); writes the GraLoRA model card",
         ),
         Patch(
             module.PeftAdapterMixin,
