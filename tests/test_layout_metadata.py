@@ -30,6 +30,18 @@ def test_header_records_the_layout(saved):
     assert _header(path) == {"format": "pt", "use_gralora": "true", "gralora_k": "2", "hybrid_r": "2", "r": "6"}
 
 
+def test_header_is_written_in_sorted_order(saved):
+    # safetensors writes metadata from a hash map (random order per process): sorted, the same adapter, same bytes
+    import json
+    import struct
+
+    _, path = saved
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + size], object_pairs_hook=list)[0][1]
+    assert [k for k, _ in meta] == sorted(k for k, _ in meta)
+
+
 def test_plain_lora_file_is_unchanged(tmp_path):
     torch.manual_seed(0)
     get_peft_model(TinyMLP(), LoraConfig(r=4, target_modules=["lin0"])).save_pretrained(tmp_path)

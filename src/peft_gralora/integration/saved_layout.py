@@ -126,13 +126,43 @@ def _make_save_pretrained(original: Callable) -> Callable:
     return save_pretrained
 
 
+def _sort_header_metadata(filename: str) -> None:
+    """Rewrite the ``__metadata__`` of a safetensors file with its keys sorted, in place (same length).
+
+    safetensors writes the metadata from a Rust ``HashMap``: with more than one key their order, and so the file's
+    bytes, change from process to process. Sorted, the same adapter saves to the same bytes.
+    """
+    import json
+    import struct
+
+    with open(filename, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(size)
+        text = raw.decode("utf-8")
+        header = json.loads(text)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict):
+            return
+        body = json.dumps(dict(sorted(meta.items())), separators=(",", ":"), ensure_ascii=False)
+        old = json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
+        start = text.find(old)
+        if start < 0 or len(body) != len(old):  # not the compact form we expect: leave the file as written
+            return
+        fixed = (text[:start] + body + text[start + len(old) :]).encode("utf-8")
+        if len(fixed) == len(raw):
+            f.seek(8)
+            f.write(fixed)
+
+
 def _make_safe_save_file(original: Callable) -> Callable:
     @functools.wraps(original)
     def save_file(tensors, filename, metadata=None, *args: Any, **kwargs: Any):
         entries = (_SAVING.get(None) or {}).get(os.path.abspath(os.path.dirname(os.fspath(filename))))
-        if entries:
-            metadata = {**(metadata or {}), **entries}
-        return original(tensors, filename, metadata, *args, **kwargs)
+        if not entries:
+            return original(tensors, filename, metadata, *args, **kwargs)
+        result = original(tensors, filename, {**(metadata or {}), **entries}, *args, **kwargs)
+        _sort_header_metadata(os.fspath(filename))
+        return result
 
     return save_file
 
