@@ -79,3 +79,16 @@ def test_gralora_adapter_loads_as_before(tmp_path):
     loaded = PeftModel.from_pretrained(base_of(model), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_outside_the_peft_range_slips_are_refused_too():
+    # the stand-in __init__ of a peft outside the supported range (auto_install) refuses the same slip
+    from peft_gralora.integration import _make_refusing_init
+
+    calls = []
+    init = _make_refusing_init(lambda self, *a, **kw: calls.append(kw), "peft 9.9 is not supported")
+    with pytest.raises(ValueError, match=r"use_gralora=True"):
+        init(object.__new__(LoraConfig), r=4, gralora_k=4)
+    assert calls == []  # refused before peft's __init__ ran
+    init(object.__new__(LoraConfig), r=4, gralora_k=2)
+    assert calls == [{"r": 4}]

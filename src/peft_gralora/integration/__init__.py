@@ -242,6 +242,7 @@ def _make_refusing_init(original: Callable, message: str) -> Callable:
         wanted = {name: kwargs.pop(name) for name in GRALORA_FIELDS if name in kwargs}
         if wanted.get("use_gralora"):
             raise UnsupportedPeftVersionError(f"LoraConfig(use_gralora=True) is not available: {message}")
+        _lora_config.check_fields_need_gralora(False, wanted)
         original(self, *args, **kwargs)
 
     # peft passes a saved config's keys through this signature: a GraLoRA adapter must reach the error above
@@ -308,7 +309,12 @@ def uninstall() -> None:
 
 @contextmanager
 def gralora_installed() -> Iterator[None]:
-    """Context manager: GraLoRA installed inside, the previous state restored on exit."""
+    """Context manager: GraLoRA installed inside, the previous state restored on exit.
+
+    Models built inside keep computing GraLoRA after the block; their configs keep the three fields, so
+    ``save_pretrained`` after the block still writes a config that reloads as GraLoRA (the model card and the
+    safetensors layout entries are written only while installed).
+    """
     was = is_installed()
     install()
     try:
