@@ -91,9 +91,10 @@ def test_bad_rank_pattern_entry(hybrid_r, pattern, match):
 
 
 def test_plain_lora_is_not_validated():
-    # the three fields mean nothing without use_gralora: a plain LoRA config with odd values stays valid
-    cfg = LoraConfig(r=7, gralora_k=3, hybrid_r=9)
+    # plain LoRA with the GraLoRA fields at their defaults is not validated by GraLoRA's rules (r=7 is not even)
+    cfg = LoraConfig(r=7, gralora_k=2, hybrid_r=0)
     assert cfg.use_gralora is False
+    # the fields set without use_gralora=True would silently train plain LoRA: tests/test_config_slips.py
 
 
 # one "switched on" value per option in UNSUPPORTED_WITH_GRALORA; the coverage test below keeps this list complete

@@ -649,11 +649,11 @@ def test_uninstall_restores_diffusers_and_install_patches_again():
 
     owners = {lora_base, loaders_peft, lora_base.LoraBaseMixin, loaders_peft.PeftAdapterMixin}
     missing = object()
-    installed = {(o, a): o.__dict__.get(a, missing) for o, a, _ in patch_table() if o in owners}
+    installed = {(o, a): o.__dict__.get(a, missing) for o, a, *_ in patch_table() if o in owners}
     assert len(installed) == 6
     uninstall()
     try:
-        originals = {(o, a): o.__dict__.get(a, missing) for o, a, _ in patch_table() if o in owners}
+        originals = {(o, a): o.__dict__.get(a, missing) for o, a, *_ in patch_table() if o in owners}
         assert originals.keys() == installed.keys()
         for key, original in originals.items():
             assert original is not installed[key]

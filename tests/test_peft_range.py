@@ -40,7 +40,7 @@ REAL = peft.__version__
 def unsupported_peft(monkeypatch):
     """peft as released, declaring itself OLD; GraLoRA put back afterwards."""
     uninstall()
-    entries = {(o, a): o.__dict__.get(a, MISSING) for o, a, _ in patch_table()}
+    entries = {(o, a): o.__dict__.get(a, MISSING) for o, a, *_ in patch_table()}
     init = LoraConfig.__dict__["__init__"]
     monkeypatch.setattr(peft, "__version__", OLD)
     try:

@@ -62,7 +62,11 @@ class Case:
             use_dora=self.dora,
             init_lora_weights=False,  # random B: merges and outputs cannot agree by accident
         )
-        return LoraConfig(**{**kw, **overrides})
+        kw = {**kw, **overrides}
+        if not kw["use_gralora"]:  # gralora_k / hybrid_r without use_gralora=True are refused
+            kw.pop("gralora_k")
+            kw.pop("hybrid_r")
+        return LoraConfig(**kw)
 
     def base(self) -> nn.Module:
         """The same base weights on every call (fresh copies for reload tests)."""

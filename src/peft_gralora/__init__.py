@@ -1,8 +1,10 @@
 """GraLoRA (Granular Low-Rank Adaptation) as a LoRA variant of Hugging Face PEFT.
 
 After ``pip install peft-gralora``, ``from peft import LoraConfig`` accepts ``use_gralora``, ``gralora_k`` and
-``hybrid_r`` in every process (an import hook installs the variant when peft is imported). Importing this package is
-cheap: everything below loads on first use.
+``hybrid_r`` in every process (an import hook installs the variant when peft is imported). ``import peft_gralora``
+does the same where ``.pth`` files are not processed (``python -S``, ``pip install --target`` + ``PYTHONPATH``,
+zipapps, embedded interpreters), before or after ``import peft``, honouring ``PEFT_GRALORA_DISABLE=1``. Importing this
+package is cheap: everything below loads on first use.
 """
 
 __version__ = "0.1.0"
@@ -42,3 +44,8 @@ def __getattr__(name: str) -> object:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+# what the .pth hook runs: registers the peft import finder (or installs now if peft is already imported); a no-op
+# when the hook already ran. Imports only os, sys and the tiny _post_import module.
+from . import _hook  # noqa: E402, F401

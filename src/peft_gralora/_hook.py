@@ -5,7 +5,8 @@ that ``LoraConfig(use_gralora=True)`` then raises a clear error (see ``integrati
 
 Costs microseconds: it imports nothing but ``os``, ``sys`` (both already loaded) and the tiny
 :mod:`peft_gralora._post_import`, and registers a finder that only answers for the module name ``peft``.
-``PEFT_GRALORA_DISABLE=1`` turns it off.
+``PEFT_GRALORA_DISABLE=1`` turns it off: then the finder only wraps peft's config loading so that loading a GraLoRA
+adapter warns once that it loads as plain LoRA (:mod:`peft_gralora._disabled_notice`).
 """
 
 import os
@@ -27,22 +28,30 @@ def _install(_peft_module) -> None:
     auto_install()
 
 
-class PeftImportFinder(PostImportFinder):
-    """The finder that installs GraLoRA when ``peft`` (and nothing else) is imported, once."""
+def _notice(_peft_module) -> None:
+    from peft_gralora._disabled_notice import apply
 
-    def __init__(self) -> None:
-        super().__init__({"peft"}, _install)
+    apply()
+
+
+class PeftImportFinder(PostImportFinder):
+    """The finder that installs GraLoRA (or, when disabled, the warning) when ``peft`` is imported, once."""
+
+    def __init__(self, callback=_install) -> None:
+        super().__init__({"peft"}, callback)
 
 
 def register() -> None:
-    """Arrange for GraLoRA to be installed when peft is first imported (or now, if it already is)."""
-    if disabled():
-        return
+    """Arrange for GraLoRA to be installed when peft is first imported (or now, if it already is).
+
+    With ``PEFT_GRALORA_DISABLE=1`` nothing of GraLoRA is installed; only the warning for GraLoRA adapters loaded as
+    plain LoRA is."""
+    callback = _notice if disabled() else _install
     if "peft" in sys.modules:
-        _install(sys.modules["peft"])
+        callback(sys.modules["peft"])
         return
     if not any(isinstance(f, PeftImportFinder) for f in sys.meta_path):
-        PeftImportFinder().register()
+        PeftImportFinder(callback).register()
 
 
 def unregister() -> None:

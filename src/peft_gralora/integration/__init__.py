@@ -1,89 +1,10 @@
 """The only package that touches peft internals: installs GraLoRA into the released peft, and takes it out again.
 
-Each module of this package patches one host area and lists its patches in ``patches()``; :func:`patch_table`
-joins them into the one list that :func:`install` applies. Every patch point, and why (each patch calls through to
-peft's original for everything that is not GraLoRA):
-
-====================================  =================================================================================
-patch point                           why
-====================================  =================================================================================
-``LoraConfig.__dataclass_fields__``   adds ``use_gralora`` / ``gralora_k`` / ``hybrid_r`` as dataclass fields, so
-                                      ``asdict``/``replace``/peft's variant resolver (``is_lora_variant``) see them
-``LoraConfig.<field>`` (x3)           class-level defaults of the three fields
-``LoraConfig.__init__``               accepts the three fields and validates GraLoRA configs
-``LoraConfig.to_dict``                writes the three fields only for GraLoRA configs, so plain LoRA adapters saved
-                                      with this package installed stay byte-identical for vanilla peft
-``LoraConfig.__repr__``               shows the three fields of GraLoRA configs
-``LoraConfig.__eq__``                 the dataclass ``__eq__`` was generated before the three fields existed: also
-                                      compares them, so a GraLoRA config never equals the plain LoRA one
-``lora.Linear.lora_variants``         maps ``("use_gralora",)`` to :class:`GraLoraLinearVariant` and
-                                      ``("use_dora", "use_gralora")`` to :class:`GraLoraDoraLinearVariant`
-``bnb.Linear4bit/8bitLt``             their hand-written resolvers ignore ``use_gralora``: return the GraLoRA (or
-``.resolve_lora_variant``             GraLoRA + DoRA) variant for GraLoRA configs, peft's resolver otherwise
-``bnb.Linear4bit/8bitLt``             same as ``lora.Linear.get_delta_weight``: the GraLoRA delta for GraLoRA
-``.get_delta_weight``                 adapters (the bnb classes override it with plain ``B @ A``)
-``bnb.Linear4bit.merge`` / ``unmerge`` bitsandbytes repacks 4-bit weights for its CPU kernel on eval forwards, after
-                                      which ``dequantize_4bit`` returns garbage: undo the packing correctly first
-                                      (:mod:`peft_gralora.quant`), then peft's merge. Fixes plain LoRA / DoRA merges
-                                      too; a no-op for weights that were never packed
-``bnb.Linear4bit._save_to_state_dict``  the same before saving: bitsandbytes' own inverse of the packing (run when the
-                                      base layer is saved) leaves ``absmax`` transposed and corrupts the live model
-``bnb.Linear4bit.forward``            in training mode, undoes the packing first: a packed weight is computed with a
-                                      kernel without autograd, which would cut the gradient through the base layer
-``peft.tuners.lora.dora``             module global used by peft's DoRA forward/init: dequantizes a CPU-packed 4-bit
-``.dequantize_module_weight``         weight correctly (plain DoRA's eval forward on 4-bit is ~12 % off otherwise);
-                                      calls peft's function for everything else
-``lora.Linear.get_delta_weight``      returns the GraLoRA delta for GraLoRA adapters (DoRA merges, SVD weighted
-                                      adapters, ``convert_to_lora``, intruder reduction all call it)
-``LoraModel._create_and_replace``     refuses, before anything changes, modules GraLoRA cannot adapt: wrong shape
-                                      for ``gralora_k``, an existing LoRA layer type without GraLoRA, parameters
-``LoraModel._create_new_module``      refuses layer types that would otherwise silently train plain LoRA
-``LoraModel.inject_adapter``          peft adapts targets one by one: when GraLoRA refuses a later target, takes the
-                                      layers already adapted back out, so a refused config leaves the model unchanged
-``LoraModel.add_weighted_adapter``    each combination type gives the right result for GraLoRA adapters or a clear
-                                      error (never plain-LoRA math on GraLoRA weights); ``cat`` is exact for every
-                                      mix of GraLoRA / plain LoRA adapters (block by block, hybrid side by side)
-``peft.utils.hotswap``                pads GraLoRA adapters inside their layout (zero sub-ranks per block, zero
-``.prepare_model_for_compiled_hotswap``  hybrid rows) and keeps the layer's ``hybrid_r`` and the configs in step
-``peft.utils.hotswap``                moves each incoming layer exactly into the resident layer's layout (GraLoRA or
-``.hotswap_adapter_from_state_dict``  plain), or raises ``ValueError`` before any weight changes; ``hotswap_adapter``
-                                      and diffusers' hotswap call it through the module
-``peft.get_peft_model_state_dict``    remembers (weakly) which GraLoRA config the returned tensors belong to, so
-(and ``peft.utils``, ``.save_and_load``)  diffusers' save can write it (the tensors look like plain LoRA)
-``diffusers LoraBaseMixin``           every pipeline's ``save_lora_weights`` ends here: writes the remembered GraLoRA
-``._save_lora_weights``               config as the component's adapter metadata when none is given; refuses
-                                      contradicting metadata, mixed state dicts and ``safe_serialization=False``
-``diffusers PeftAdapterMixin``        refuses ``safe_serialization=False`` for a GraLoRA adapter (torch.save files
-``.save_lora_adapter``                carry no metadata and would load as plain LoRA)
-``diffusers PeftAdapterMixin``        tells ``_create_lora_config`` which model loads and whether it hotswaps
-``.load_lora_adapter``
-``diffusers PeftAdapterMixin``        also accepts ``target_hybrid_r`` (passed on to peft's
-``.enable_lora_hotswap``              ``prepare_model_for_compiled_hotswap``): room for larger hybrid branches
-``diffusers.loaders.peft`` /          (by-name imports of ``diffusers.utils.peft_utils._create_lora_config``) takes the
-``.lora_base._create_lora_config``    remembered config for a GraLoRA state dict passed without metadata, refuses
-                                      contradicting metadata; runs a GraLoRA hotswap before diffusers' hotswap block,
-                                      whose error handler would delete the resident adapter on a refusal. diffusers'
-                                      loader modules imported after peft are patched by a post-import finder
-``replace_lora_weights_loftq``,       refuse GraLoRA adapters before changing anything: each writes or reads the
-``reduce_intruder_dimension``,        factors as a plain ``B @ A`` (patched in every peft module that binds them;
-``create_lorafa_optimizer``,          :mod:`.helpers`); plain LoRA goes to peft's function
-``create_riemannian_optimizer``,
-``create_arrow_model``,
-``LoraModel.subtract_mutated_init``
-``set_peft_model_state_dict`` in      every peft load path ends here: a state dict saved by the GraLoRA PEFT fork
-every peft module holding it          (``gralora_A`` / ``gralora_B`` keys) is converted exactly to our layout, a
-                                      partial or mixed one refused (:mod:`.loading`)
-``PeftModel.load_adapter``            a refused fork file leaves no half-added adapter behind (peft adds the adapter
-                                      before it reads the weights)
-``PeftAdapterMixin.load_adapter``     transformers 5 loads adapter files without peft: a fork-layout GraLoRA adapter
-(transformers)                        is handed over converted (its ``adapter_state_dict`` argument)
-``peft.tuners.lora.variants``         adds ``GraLoraLinearVariant`` / ``GraLoraDoraLinearVariant`` where peft keeps its
-``.GraLoRa*LinearVariant`` (x2)       LoRA variants (removed by ``uninstall()``)
-``peft.utils.other``                  the FSDP auto-wrap policy transformers' Trainer applies to PEFT models makes
-``.fsdp_auto_wrap_policy``            every trainable Linear its own unit, which GraLoRA (reading the weights without
-                                      calling the module) would never unshard: keeps GraLoRA's factors in the
-                                      enclosing unit (:mod:`.distributed`); peft's policy unchanged otherwise
-====================================  =================================================================================
+Each module of this package patches one host area and lists its patch rows in ``patches()``: a
+:class:`~.patch.Patch` record of owner, attribute, replacement and the reason (``why``), next to the code it concerns.
+:func:`patch_table` joins them into the one list that :func:`install` applies; :func:`patch_table_markdown` renders
+the table users read (every patch point and why) from those rows. Each patch calls through to peft's original for
+everything that is not GraLoRA.
 
 Outside :data:`SUPPORTED_PEFT` (or if installing fails), the import hook's :func:`auto_install` patches one point
 only, ``LoraConfig.__init__``, so that ``LoraConfig(use_gralora=True)`` (and loading a GraLoRA adapter) raises
@@ -105,16 +26,19 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..config import GRALORA_FIELDS
-from . import config as _config
 from . import diffusers as _diffusers
 from . import distributed as _distributed
 from . import helpers as _helpers
 from . import hotswap as _hotswap
 from . import layers as _layers
 from . import loading as _loading
+from . import lora_config as _lora_config
 from . import model as _model
-from . import variants as _variants
+from . import model_card as _model_card
+from . import saved_layout as _saved_layout
+from . import variant_registry as _variant_registry
 from ._targets import peft_targets
+from .patch import Patch, render_markdown
 
 __all__ = [
     "SUPPORTED_PEFT",
@@ -126,6 +50,8 @@ __all__ = [
     "is_installed",
     "gralora_installed",
     "patch_table",
+    "patch_table_markdown",
+    "Patch",
 ]
 
 SUPPORTED_PEFT = ">=0.20.0,<0.22"
@@ -189,19 +115,45 @@ def check_peft_version(version: str | None = None) -> str:
     return version
 
 
-def patch_table() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    """``(owner, attribute, make_replacement(original))`` for every patched attribute (fields aside), all modules."""
+def patch_table() -> list[Patch]:
+    """Every patch row (fields aside) of every module, for the peft / diffusers imported now."""
     return [
-        *_config.patches(),
+        *_lora_config.patches(),
         *_layers.patches(),
         *_model.patches(),
         *_hotswap.patches(),
         *_helpers.patches(),
         *_diffusers.patches(),
         *_loading.patches(),
-        *_variants.patches(),
+        *_variant_registry.patches(),
         *_distributed.patches(),
+        *_model_card.patches(),
+        *_saved_layout.patches(),
     ]
+
+
+def patch_table_markdown(include_diffusers: bool = True) -> str:
+    """The patch table as markdown (``patch point | why``), generated from :func:`patch_table`'s rows.
+
+    Args:
+        include_diffusers: also import diffusers' loader modules (when diffusers is installed) so that their rows,
+            normally applied when diffusers is imported, are listed too.
+    """
+    import importlib
+    import importlib.util
+
+    if include_diffusers and importlib.util.find_spec("diffusers") is not None:
+        for name in _diffusers.deferred_modules():
+            importlib.import_module(name)
+    rows = patch_table()
+    extra = (
+        "\n``LoraConfig.__dataclass_fields__`` also gets the three fields ``use_gralora`` / ``gralora_k`` / "
+        "``hybrid_r``, so that ``asdict`` / ``replace`` / peft's variant resolver see them. Outside the supported "
+        "peft range only ``LoraConfig.__init__`` is patched (a GraLoRA config raises), and with "
+        "``PEFT_GRALORA_DISABLE=1`` only ``PeftConfigMixin.from_peft_type`` (a GraLoRA adapter loaded as plain LoRA "
+        "warns).\n"
+    )
+    return render_markdown(rows) + extra
 
 
 def _resolve_original(owner: Any, attr: str) -> Any:
@@ -230,11 +182,15 @@ def install() -> None:
         if is_installed():
             return
         check_peft_version()
-        # the refusal of auto_install, if in place: its __init__ must not be taken for peft's own
+        # the refusal of auto_install, if in place: its __init__ must not be taken for peft's own; the warning of
+        # PEFT_GRALORA_DISABLE=1, if in place: GraLoRA adapters load as GraLoRA from now on
         uninstall()
+        from .._disabled_notice import remove as remove_disabled_notice
+
+        remove_disabled_notice()
         table = patch_table()
         cfg = peft_targets()["LoraConfig"]
-        fields = _config.gralora_fields()
+        fields = _lora_config.gralora_fields()
         _apply(table)
         for name, field in fields.items():
             if name not in cfg.__dataclass_fields__:
@@ -244,12 +200,12 @@ def install() -> None:
         _diffusers.register_deferred(_apply_deferred)
 
 
-def _apply(table: list[tuple[Any, str, Callable[[Any], Any]]]) -> None:
+def _apply(table: list[Patch]) -> None:
     """Build every replacement of ``table`` (rows already applied skipped), then set them all."""
     # build every replacement before touching anything: an error here leaves peft as it was
     seen: set[tuple[int, str]] = set()
     replacements = []
-    for owner, attr, make in table:
+    for owner, attr, make, _why in table:
         key = (id(owner), attr)
         if key in seen:
             # two rows for one attribute: the second would wrap the first and uninstall() would restore the first
@@ -269,7 +225,7 @@ def _set(replacements: list[tuple[Any, str, Any]]) -> None:
         setattr(owner, attr, new)
 
 
-def _apply_deferred(table: list[tuple[Any, str, Callable[[Any], Any]]]) -> None:
+def _apply_deferred(table: list[Patch]) -> None:
     """Rows of a module imported after :func:`install` (a no-op once uninstalled)."""
     with _lock:
         if _originals:
@@ -286,6 +242,7 @@ def _make_refusing_init(original: Callable, message: str) -> Callable:
         wanted = {name: kwargs.pop(name) for name in GRALORA_FIELDS if name in kwargs}
         if wanted.get("use_gralora"):
             raise UnsupportedPeftVersionError(f"LoraConfig(use_gralora=True) is not available: {message}")
+        _lora_config.check_fields_need_gralora(False, wanted)
         original(self, *args, **kwargs)
 
     # peft passes a saved config's keys through this signature: a GraLoRA adapter must reach the error above
@@ -352,7 +309,12 @@ def uninstall() -> None:
 
 @contextmanager
 def gralora_installed() -> Iterator[None]:
-    """Context manager: GraLoRA installed inside, the previous state restored on exit."""
+    """Context manager: GraLoRA installed inside, the previous state restored on exit.
+
+    Models built inside keep computing GraLoRA after the block; their configs keep the three fields, so
+    ``save_pretrained`` after the block still writes a config that reloads as GraLoRA (the model card and the
+    safetensors layout entries are written only while installed).
+    """
     was = is_installed()
     install()
     try:

@@ -31,6 +31,7 @@ import contextvars
 import copy
 import functools
 import importlib.util
+import os
 import sys
 import weakref
 from collections.abc import Callable
@@ -40,6 +41,7 @@ import torch
 
 from .._post_import import PostImportFinder
 from ..config import GRALORA_FIELDS
+from .patch import Patch
 
 __all__ = ["patches", "deferred_modules", "register_deferred", "unregister_deferred", "gralora_metadata_of"]
 
@@ -259,6 +261,14 @@ def _metadata_for_save(prefix: str, layers: Any, given: dict | None, safe_serial
     return given
 
 
+def _write_card(save_directory: Any, adapters: dict) -> None:
+    """The GraLoRA model card next to a diffusers LoRA file (GraLoRA components / adapters only)."""
+    from .model_card import write_gralora_model_card
+
+    if isinstance(save_directory, (str, os.PathLike)) and os.path.isdir(save_directory):
+        write_gralora_model_card(save_directory, {name: meta for name, meta in adapters.items() if meta})
+
+
 def _make_save_lora_weights(original: Any) -> classmethod:
     func = original.__func__
 
@@ -268,7 +278,9 @@ def _make_save_lora_weights(original: Any) -> classmethod:
         lora_metadata = dict(lora_metadata)
         for prefix, layers in lora_layers.items():
             lora_metadata[prefix] = _metadata_for_save(prefix, layers, lora_metadata.get(prefix), safe)
-        return func(cls, save_directory, lora_layers, lora_metadata, *args, **kwargs)
+        result = func(cls, save_directory, lora_layers, lora_metadata, *args, **kwargs)
+        _write_card(save_directory, lora_metadata)
+        return result
 
     return classmethod(_save_lora_weights)
 
@@ -288,7 +300,10 @@ def _make_save_lora_adapter(original: Callable) -> Callable:
                 "lives only in the adapter metadata of the safetensors header; a torch.save file has none and would "
                 "load as plain LoRA."
             )
-        return original(self, save_directory, adapter_name, *args, **kwargs)
+        result = original(self, save_directory, adapter_name, *args, **kwargs)
+        if getattr(config, "use_gralora", False):
+            _write_card(save_directory, {adapter_name: config})
+        return result
 
     return save_lora_adapter
 
@@ -380,27 +395,62 @@ def _make_create_lora_config(original: Callable) -> Callable:
 # --- patch rows ---
 
 
-def _peft_rows() -> list[tuple[Any, str, Callable[[Any], Any]]]:
+def _peft_rows() -> list[Patch]:
     import peft
     import peft.utils
     from peft.utils import save_and_load
 
     owners = [save_and_load, peft.utils, peft]
-    return [(owner, "get_peft_model_state_dict", _make_get_peft_model_state_dict) for owner in owners]
+    why = (
+        "remembers (weakly) which GraLoRA config the returned tensors belong to, so that diffusers' save can write "
+        "it (the tensors look like plain LoRA)"
+    )
+    return [Patch(owner, "get_peft_model_state_dict", _make_get_peft_model_state_dict, why) for owner in owners]
 
 
-def _module_rows(name: str) -> list[tuple[Any, str, Callable[[Any], Any]]]:
+_WHY_CREATE = (
+    "takes the remembered config for a GraLoRA state dict passed without metadata, refuses contradicting metadata; "
+    "runs a GraLoRA hotswap before diffusers' hotswap block, whose error handler would delete the resident adapter "
+    "on a refusal (patched in both modules that import it by name)"
+)
+
+
+def _module_rows(name: str) -> list[Patch]:
     module = sys.modules[name]
     if name == LORA_BASE:
         return [
-            (module.LoraBaseMixin, "_save_lora_weights", _make_save_lora_weights),
-            (module, "_create_lora_config", _make_create_lora_config),
+            Patch(
+                module.LoraBaseMixin,
+                "_save_lora_weights",
+                _make_save_lora_weights,
+                "every pipeline's save_lora_weights ends here: writes the remembered GraLoRA config as the "
+                "component's adapter metadata when none is given; refuses contradicting metadata, mixed state dicts "
+                "and safe_serialization=False; writes the GraLoRA model card",
+            ),
+            Patch(module, "_create_lora_config", _make_create_lora_config, _WHY_CREATE),
         ]
     return [
-        (module.PeftAdapterMixin, "load_lora_adapter", _make_load_lora_adapter),
-        (module.PeftAdapterMixin, "save_lora_adapter", _make_save_lora_adapter),
-        (module.PeftAdapterMixin, "enable_lora_hotswap", _make_enable_lora_hotswap),
-        (module, "_create_lora_config", _make_create_lora_config),
+        Patch(
+            module.PeftAdapterMixin,
+            "load_lora_adapter",
+            _make_load_lora_adapter,
+            "tells _create_lora_config which model loads and whether it hotswaps",
+        ),
+        Patch(
+            module.PeftAdapterMixin,
+            "save_lora_adapter",
+            _make_save_lora_adapter,
+            "refuses safe_serialization=False for a GraLoRA adapter (torch.save files carry no metadata and would "
+            "load as plain LoRA); writes the GraLoRA model card",
+        ),
+        Patch(
+            module.PeftAdapterMixin,
+            "enable_lora_hotswap",
+            _make_enable_lora_hotswap,
+            "also accepts target_hybrid_r (passed on to peft's prepare_model_for_compiled_hotswap): room for larger "
+            "hybrid branches",
+        ),
+        Patch(module, "_create_lora_config", _make_create_lora_config, _WHY_CREATE),
     ]
 
 
@@ -412,9 +462,9 @@ def _loaded(name: str) -> bool:
     return hasattr(sys.modules.get(name), _MARKERS[name])
 
 
-def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    """``(owner, attribute, make_replacement(original))`` for peft's state-dict function and the diffusers loader
-    modules already imported; the others come through :func:`register_deferred`."""
+def patches() -> list[Patch]:
+    """The patch rows of peft's state-dict function and of the diffusers loader modules already imported; the others
+    come through :func:`register_deferred`."""
     rows = _peft_rows()
     for name in _MARKERS:
         if _loaded(name):

@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from ..sharding import full_weight
+from .patch import Patch
 
 __all__ = ["patches", "full_weight", "gralora_factor_modules"]
 
@@ -100,12 +101,21 @@ def _make_fsdp_auto_wrap_policy(original: Callable) -> Callable:
     return fsdp_auto_wrap_policy
 
 
-def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    """``(owner, attribute, make_replacement(original))``: peft's FSDP auto-wrap policy.
+def patches() -> list[Patch]:
+    """The patch row of peft's FSDP auto-wrap policy.
 
     transformers (``update_fsdp_plugin_peft``) imports it from ``peft.utils.other`` at call time, so the module
     attribute is the one patch point.
     """
     from peft.utils import other as peft_other
 
-    return [(peft_other, "fsdp_auto_wrap_policy", _make_fsdp_auto_wrap_policy)]
+    return [
+        Patch(
+            peft_other,
+            "fsdp_auto_wrap_policy",
+            _make_fsdp_auto_wrap_policy,
+            "the policy transformers' Trainer applies to PEFT models makes every trainable Linear its own FSDP unit, "
+            "which GraLoRA (reading the weights without calling the module) would never unshard: keeps GraLoRA's "
+            "factors in the enclosing unit; peft's policy unchanged otherwise",
+        )
+    ]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..variant import is_gralora_adapter
+from .patch import Patch
 
 __all__ = ["patches"]
 
@@ -138,14 +139,20 @@ def _make_subtract_mutated_init(original: Callable) -> Callable:
     return subtract_mutated_init
 
 
-def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    """``(owner, attribute, make_replacement(original))`` for every module that binds a refused helper (users import
-    them from ``peft``, ``peft.utils``, ``peft.optimizers``, ...)."""
+_WHY = (
+    "refuses GraLoRA adapters before changing anything: it writes or reads the factors as a plain B @ A (patched in "
+    "every peft module that binds it); plain LoRA goes to peft's function"
+)
+
+
+def patches() -> list[Patch]:
+    """The patch rows of every module that binds a refused helper (users import them from ``peft``, ``peft.utils``,
+    ``peft.optimizers``, ...)."""
     import importlib.util
 
     from ._targets import modules_binding, peft_targets
 
-    rows: list[tuple[Any, str, Callable[[Any], Any]]] = []
+    rows: list[Patch] = []
     table = [
         (
             "replace_lora_weights_loftq",
@@ -172,6 +179,6 @@ def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     for name, defining, make in table:
         # a helper this peft does not have yet (peft 0.20 has no Riemannian optimizer) has nothing to refuse
         if importlib.util.find_spec(defining) is not None:
-            rows.extend((owner, name, make) for owner in modules_binding(defining, name))
-    rows.append((peft_targets()["LoraModel"], "subtract_mutated_init", _make_subtract_mutated_init))
+            rows.extend(Patch(owner, name, make, _WHY) for owner in modules_binding(defining, name))
+    rows.append(Patch(peft_targets()["LoraModel"], "subtract_mutated_init", _make_subtract_mutated_init, _WHY))
     return rows

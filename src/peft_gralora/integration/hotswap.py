@@ -33,6 +33,8 @@ import torch
 
 from ..functional import gralora_fit_factors, gralora_shape
 from ..variant import is_gralora_adapter
+from .patch import Patch
+from .saved_layout import check_loaded_state_dict
 
 __all__ = ["patches", "padded_layout"]
 
@@ -178,6 +180,7 @@ def _make_hotswap_adapter_from_state_dict(original: Callable) -> Callable:
         config: Any,
         parameter_prefix: str = "lora_",
     ) -> None:
+        check_loaded_state_dict(state_dict, config)
         incoming_gralora = bool(getattr(config, "use_gralora", False))
         from peft.tuners.lora import LoraLayer
 
@@ -241,8 +244,8 @@ def _make_hotswap_adapter_from_state_dict(original: Callable) -> Callable:
     return hotswap_adapter_from_state_dict
 
 
-def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    """``(owner, attribute, make_replacement(original))`` for ``peft.utils.hotswap``.
+def patches() -> list[Patch]:
+    """The patch rows of ``peft.utils.hotswap``.
 
     ``hotswap_adapter`` and diffusers look both functions up in this module when they run, so patching the module's
     attributes covers them.
@@ -250,6 +253,18 @@ def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     from peft.utils import hotswap
 
     return [
-        (hotswap, "prepare_model_for_compiled_hotswap", _make_prepare_model_for_compiled_hotswap),
-        (hotswap, "hotswap_adapter_from_state_dict", _make_hotswap_adapter_from_state_dict),
+        Patch(
+            hotswap,
+            "prepare_model_for_compiled_hotswap",
+            _make_prepare_model_for_compiled_hotswap,
+            "pads GraLoRA adapters inside their layout (zero sub-ranks per block, zero hybrid rows) and keeps the "
+            "layer's hybrid_r and the configs in step",
+        ),
+        Patch(
+            hotswap,
+            "hotswap_adapter_from_state_dict",
+            _make_hotswap_adapter_from_state_dict,
+            "moves each incoming layer exactly into the resident layer's layout (GraLoRA or plain), or raises "
+            "ValueError before any weight changes; hotswap_adapter and diffusers' hotswap call it through the module",
+        ),
     ]

@@ -10,6 +10,7 @@ from ..dora import GraLoraDoraLinearVariant
 from ..quant import dequantize_4bit_weight, is_cpu_packed_4bit, restore_canonical_4bit_
 from ..variant import GraLoraLinearVariant, gralora_delta, is_gralora_adapter
 from ._targets import bnb_targets, peft_targets
+from .patch import Patch
 
 __all__ = ["patches", "gralora_layer_classes", "unsupported_layer_error", "may_hold_gralora"]
 
@@ -115,24 +116,71 @@ def may_hold_gralora(base: Any) -> bool:
     return isinstance(base, (nn.Linear, Conv1D))
 
 
-def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    """``(owner, attribute, make_replacement(original))`` for the LoRA layer classes."""
+_WHY_DELTA = (
+    "returns the GraLoRA delta for GraLoRA adapters (DoRA merges, SVD weighted adapters, convert_to_lora, intruder "
+    "reduction call it; the bitsandbytes classes override it with plain B @ A)"
+)
+_WHY_PACKED = (
+    "bitsandbytes repacks 4-bit weights for its CPU kernel on eval forwards, after which dequantize_4bit returns "
+    "garbage (and its own inverse, run when the base layer is saved, leaves absmax transposed): undo the packing "
+    "correctly first, then call the original. Fixes plain LoRA / DoRA too; a no-op for weights never packed"
+)
+
+
+def patches() -> list[Patch]:
+    """The patch rows of the LoRA layer classes."""
     t = peft_targets()
     linear = t["Linear"]
     bnb = bnb_targets()
     bnb_4bit = [bnb["Linear4bit"]] if "Linear4bit" in bnb else []
     return [
-        (linear, "lora_variants", _make_lora_variants),
-        (linear, "get_delta_weight", _make_get_delta_weight),
-        *[(bnb_cls, "resolve_lora_variant", _make_bnb_resolve_lora_variant) for bnb_cls in bnb.values()],
-        *[(bnb_cls, "get_delta_weight", _make_get_delta_weight) for bnb_cls in bnb.values()],
+        Patch(
+            linear,
+            "lora_variants",
+            _make_lora_variants,
+            "maps ('use_gralora',) to GraLoraLinearVariant and ('use_dora', 'use_gralora') to "
+            "GraLoraDoraLinearVariant",
+        ),
+        Patch(linear, "get_delta_weight", _make_get_delta_weight, _WHY_DELTA),
+        *[
+            Patch(
+                bnb_cls,
+                "resolve_lora_variant",
+                _make_bnb_resolve_lora_variant,
+                "the hand-written resolver ignores use_gralora: returns the GraLoRA (or GraLoRA + DoRA) variant for "
+                "GraLoRA configs, peft's resolver otherwise",
+            )
+            for bnb_cls in bnb.values()
+        ],
+        *[Patch(bnb_cls, "get_delta_weight", _make_get_delta_weight, _WHY_DELTA) for bnb_cls in bnb.values()],
         # _save_to_state_dict runs before the base layer's own, whose inverse of the packing corrupts absmax
         *[
-            (bnb4, attr, _make_restore_4bit_first)
+            Patch(bnb4, attr, _make_restore_4bit_first, _WHY_PACKED)
             for bnb4 in bnb_4bit
             for attr in ("merge", "unmerge", "_save_to_state_dict")
         ],
-        *[(bnb4, "forward", _make_restore_4bit_when_training) for bnb4 in bnb_4bit],
+        *[
+            Patch(
+                bnb4,
+                "forward",
+                _make_restore_4bit_when_training,
+                "in training mode, undoes the CPU packing first: a packed weight is computed by a kernel without "
+                "autograd, which would cut the gradient through the base layer",
+            )
+            for bnb4 in bnb_4bit
+        ],
         # only where bitsandbytes 4-bit exists: nothing can be CPU-packed otherwise
-        *([(t["dora"], "dequantize_module_weight", _make_dequantize_module_weight)] if bnb_4bit else []),
+        *(
+            [
+                Patch(
+                    t["dora"],
+                    "dequantize_module_weight",
+                    _make_dequantize_module_weight,
+                    "module global used by peft's DoRA forward / init: dequantizes a CPU-packed 4-bit weight "
+                    "correctly (plain DoRA's eval forward on 4-bit is ~12 % off otherwise); peft's function otherwise",
+                )
+            ]
+            if bnb_4bit
+            else []
+        ),
     ]

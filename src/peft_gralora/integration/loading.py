@@ -32,6 +32,8 @@ from typing import Any
 from ..convert import AdapterConversionError, fork_to_variant_state_dict, has_fork_layout
 from ._targets import modules_binding
 from .model import _remove_injected
+from .patch import Patch
+from .saved_layout import check_loaded_state_dict
 
 __all__ = ["patches", "convert_fork_state_dict"]
 
@@ -98,6 +100,7 @@ def _make_set_peft_model_state_dict(original: Callable) -> Callable:
     def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name="default", *args: Any, **kwargs: Any):
         configs = getattr(model, "peft_config", None)
         config = configs.get(adapter_name) if isinstance(configs, dict) else None
+        check_loaded_state_dict(peft_model_state_dict, config)
         state_dict = convert_fork_state_dict(config, peft_model_state_dict, adapter_name)
         return original(model, state_dict, adapter_name, *args, **kwargs)
 
@@ -216,14 +219,34 @@ def _make_load_adapter(original: Callable) -> Callable:
     return load_adapter
 
 
-def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    """``(owner, attribute, make_replacement(original))`` for adapter loading."""
+def patches() -> list[Patch]:
+    """The patch rows of adapter loading."""
     from peft import PeftModel
     from transformers.integrations.peft import PeftAdapterMixin
 
     holders = modules_binding("peft.utils.save_and_load", "set_peft_model_state_dict")
     return [
-        *[(module, "set_peft_model_state_dict", _make_set_peft_model_state_dict) for module in holders],
-        (PeftModel, "load_adapter", _make_peft_load_adapter),
-        (PeftAdapterMixin, "load_adapter", _make_load_adapter),
+        *[
+            Patch(
+                module,
+                "set_peft_model_state_dict",
+                _make_set_peft_model_state_dict,
+                "every peft load path ends here: a state dict saved by the GraLoRA PEFT fork (gralora_A / gralora_B "
+                "keys) is converted exactly to this package's layout, a partial or mixed one refused",
+            )
+            for module in holders
+        ],
+        Patch(
+            PeftModel,
+            "load_adapter",
+            _make_peft_load_adapter,
+            "a refused file leaves no half-added adapter behind (peft adds the adapter before it reads the weights)",
+        ),
+        Patch(
+            PeftAdapterMixin,
+            "load_adapter",
+            _make_load_adapter,
+            "transformers 5 loads adapter files without peft: a fork-layout GraLoRA adapter is handed over converted "
+            "(its adapter_state_dict argument); everything else goes to transformers untouched",
+        ),
     ]

@@ -16,6 +16,7 @@ from ..functional import GraloraPieces, gralora_assemble, gralora_pieces
 from ..variant import is_gralora_adapter
 from ._targets import peft_targets
 from .layers import gralora_layer_classes, may_hold_gralora, unsupported_layer_error
+from .patch import Patch
 
 __all__ = ["patches"]
 
@@ -300,12 +301,35 @@ def _gralora_cat(self, adapters: list[str], weights: list[float], adapter_name: 
                     new_B.bias.copy_(bias)
 
 
-def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    """``(owner, attribute, make_replacement(original))`` for ``LoraModel``."""
+def patches() -> list[Patch]:
+    """The patch rows of ``LoraModel``."""
     model = peft_targets()["LoraModel"]
     return [
-        (model, "_create_and_replace", _make_create_and_replace),
-        (model, "_create_new_module", _make_create_new_module),
-        (model, "inject_adapter", _make_inject_adapter),
-        (model, "add_weighted_adapter", _make_add_weighted_adapter),
+        Patch(
+            model,
+            "_create_and_replace",
+            _make_create_and_replace,
+            "refuses, before anything changes, modules GraLoRA cannot adapt: wrong shape for gralora_k, an existing "
+            "LoRA layer type without GraLoRA, parameters (target_parameters)",
+        ),
+        Patch(
+            model,
+            "_create_new_module",
+            _make_create_new_module,
+            "refuses layer types that would otherwise silently train plain LoRA",
+        ),
+        Patch(
+            model,
+            "inject_adapter",
+            _make_inject_adapter,
+            "peft adapts targets one by one: when GraLoRA refuses a later target, takes the layers already adapted "
+            "back out, so a refused config leaves the model unchanged",
+        ),
+        Patch(
+            model,
+            "add_weighted_adapter",
+            _make_add_weighted_adapter,
+            "each combination type gives the right result for GraLoRA adapters or a clear error (never plain-LoRA "
+            "math on GraLoRA weights); cat is exact for every mix of GraLoRA / plain LoRA adapters",
+        ),
     ]

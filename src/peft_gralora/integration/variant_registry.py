@@ -6,21 +6,20 @@ package is installed, as the GraLoRA fork's users write it; ``uninstall()`` remo
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from ..dora import GraLoraDoraLinearVariant
 from ..variant import GraLoraLinearVariant
 from ._targets import adds
+from .patch import Patch
 
 __all__ = ["patches"]
 
 
-def patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    """``(owner, attribute, make_replacement(original))``: two names peft's variants module does not have."""
+def patches() -> list[Patch]:
+    """The patch rows: two names peft's variants module does not have."""
     from peft.tuners.lora import variants
 
+    why = "adds the GraLoRA variant class where peft keeps its LoRA variants (removed by uninstall())"
     return [
-        (variants, "GraLoraLinearVariant", adds(GraLoraLinearVariant)),
-        (variants, "GraLoraDoraLinearVariant", adds(GraLoraDoraLinearVariant)),
+        Patch(variants, "GraLoraLinearVariant", adds(GraLoraLinearVariant), why),
+        Patch(variants, "GraLoraDoraLinearVariant", adds(GraLoraDoraLinearVariant), why),
     ]
