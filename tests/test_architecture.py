@@ -34,16 +34,20 @@ LAYERS: dict[str, int] = {
     "peft_gralora.convert": CORE,
     "peft_gralora._post_import": CORE,  # a generic "run this after that module is imported" finder; no peft
     "peft_gralora._hook": INTEGRATION,  # the .pth hook: installs the integration when peft is imported
+    # wraps peft's config loading with PEFT_GRALORA_DISABLE=1; outside integration/ so that the disabled hook does not
+    # import the integration package
+    "peft_gralora._disabled_notice": INTEGRATION,
     "peft_gralora.integration": INTEGRATION,
     "peft_gralora.cli": APPLICATION,
     "peft_gralora.finetune": APPLICATION,
     "peft_gralora.axolotl": APPLICATION,
     "benchmarks": APPLICATION,
 }
-# package roots, for themselves only (not their submodules). The root of peft_gralora imports nothing when it is
-# imported (the .pth hook imports it at interpreter start); ``from peft_gralora import name`` is resolved to the
-# module its lazy table (_LAZY) loads the name from
-PACKAGE_ROOTS: dict[str, int] = {"peft_gralora": MATH}
+# package roots, for themselves only (not their submodules). The root of peft_gralora is the public facade: importing
+# it activates GraLoRA (it imports the tiny _hook, which installs the integration once peft is imported), so it sits
+# with the integration; ``from peft_gralora import name`` is resolved to the module its lazy table (_LAZY) loads the
+# name from
+PACKAGE_ROOTS: dict[str, int] = {"peft_gralora": INTEGRATION}
 # host libraries whose internals only the integration layer may touch (applications use their public API)
 HOSTS = ("peft", "transformers", "diffusers", "accelerate", "trl", "deepspeed", "axolotl")
 FORBIDDEN_EXTERNAL: dict[int, tuple[str, ...]] = {MATH: HOSTS, CORE: HOSTS}
@@ -302,5 +306,5 @@ def test_a_cycle_through_three_files_and_a_package_init_is_found():
 
 def test_a_file_outside_the_layer_map_is_reported():
     assert layer_of("peft_gralora.new_thing") is None
-    assert layer_of("peft_gralora") == MATH and layer_of("peft_gralora.functional.ops") == MATH
+    assert layer_of("peft_gralora") == INTEGRATION and layer_of("peft_gralora.functional.ops") == MATH
     assert layer_of("peft_gralora.integration.loading") == INTEGRATION

@@ -6,7 +6,7 @@ finder that answers only for the module names below, and hands each executed mod
 
 from .._post_import import PostImportFinder
 
-__all__ = ["WATCHED", "AxolotlGuardFinder", "register"]
+__all__ = ["WATCHED", "AxolotlGuardFinder", "register", "apply"]
 
 # the axolotl modules whose attributes .guards wraps (kept in step with guards._GUARDS by a test)
 WATCHED = (
@@ -39,6 +39,23 @@ def register(names=WATCHED) -> None:
 
     if not any(isinstance(f, AxolotlGuardFinder) for f in sys.meta_path):
         AxolotlGuardFinder(names).register()
+
+
+def apply() -> None:
+    """Guard the watched modules already imported now, the others when they are (idempotent)."""
+    import sys
+
+    from .guards import guard_module
+
+    pending = []
+    for name in WATCHED:
+        module = sys.modules.get(name)
+        if module is not None:
+            guard_module(module)
+        else:
+            pending.append(name)
+    if pending:
+        register(pending)
 
 
 register()

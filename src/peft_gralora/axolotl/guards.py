@@ -1,6 +1,6 @@
 """Guards on axolotl's own code paths that would compute plain LoRA on GraLoRA weights, applied when their module is
-imported (:mod:`._import_hook`, loaded by the package's import hook at interpreter start) or at once by :func:`apply`
-(the plugin's ``register``) for those already imported.
+imported (:mod:`._import_hook`, loaded by the package's import hook at interpreter start) or at once by
+:func:`._import_hook.apply` (the plugin's ``register``) for those already imported.
 
 - ``cli.config.prepare_plugins`` and ``utils.config.prepare_plugins``: a config with ``use_gralora`` / ``gralora_k``
   / ``hybrid_r`` and no GraLoRA plugin stops, naming the ``plugins:`` line to add (axolotl would drop the keys and
@@ -22,11 +22,10 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["apply", "guard_module", "is_guarded"]
+__all__ = ["guard_module", "is_guarded"]
 
 _MARK = "__peft_gralora_guard__"
 
@@ -173,18 +172,3 @@ def guard_module(module: Any) -> None:
     guard = _GUARDS.get(module.__name__)
     if guard is not None:
         guard(module)
-
-
-def apply() -> None:
-    """Guard the watched modules already imported now, the others when they are (idempotent)."""
-    from ._import_hook import WATCHED, register
-
-    pending = []
-    for name in WATCHED:
-        module = sys.modules.get(name)
-        if module is not None:
-            guard_module(module)
-        else:
-            pending.append(name)
-    if pending:
-        register(pending)

@@ -23,7 +23,7 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
-from . import guards
+from . import _import_hook
 from .checks import GraLoraAxolotlError, apply_defaults, check_config, lora_config_kwargs
 
 __all__ = ["GraLoraPlugin"]
@@ -38,7 +38,7 @@ class GraLoraPlugin(BasePlugin):
         return "peft_gralora.axolotl.args.GraLoraArgs"
 
     def register(self, cfg: dict) -> None:
-        guards.apply()  # also where the import hook is off (PEFT_GRALORA_DISABLE) or axolotl came first
+        _import_hook.apply()  # also where the import hook is off (PEFT_GRALORA_DISABLE) or axolotl came first
         check_config(cfg)
         if cfg.get("use_gralora"):
             # the plugin line is an explicit request: install GraLoRA into peft even where the import hook is off

@@ -1,6 +1,6 @@
 """Patches of adapter loading: adapters saved by the GraLoRA PEFT fork load exactly, on every path.
 
-The fork (seed 004) saves ``LoraConfig(use_gralora=True)`` adapters whose trained weights are ``gralora_A`` /
+The GraLoRA PEFT fork saves ``LoraConfig(use_gralora=True)`` adapters whose trained weights are ``gralora_A`` /
 ``gralora_B`` [/ ``gralora_{A,B}_general``] (upstream ``GraloraConfig``'s layout) next to ``lora_A`` / ``lora_B``
 weights its forward never reads (``lora_B`` stays zero). Loaded as they are, peft would read those dead weights as
 GraLoRA's and drop the real ones: the base model's outputs, without a word. Here such a state dict is recognised by
