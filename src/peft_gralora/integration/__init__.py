@@ -150,8 +150,8 @@ def patch_table_markdown(include_diffusers: bool = True) -> str:
         "\n``LoraConfig.__dataclass_fields__`` also gets the three fields ``use_gralora`` / ``gralora_k`` / "
         "``hybrid_r``, so that ``asdict`` / ``replace`` / peft's variant resolver see them. Outside the supported "
         "peft range only ``LoraConfig.__init__`` is patched (a GraLoRA config raises), and with "
-        "``PEFT_GRALORA_DISABLE=1`` only ``PeftConfigMixin.from_peft_type`` (a GraLoRA adapter loaded as plain LoRA "
-        "warns).\n"
+        "``PEFT_GRALORA_DISABLE=1`` only ``PeftConfigMixin.from_pretrained`` and ``from_peft_type`` (a GraLoRA "
+        "adapter loaded as plain LoRA warns).\n"
     )
     return render_markdown(rows) + extra
 
