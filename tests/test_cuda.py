@@ -73,7 +73,10 @@ class Case:
             use_dora=self.dora,
             init_lora_weights=False,  # random, non-zero A and B
         )
-        return LoraConfig(**{**kw, **overrides})
+        kw.update(overrides)
+        if not kw["use_gralora"]:  # the plain-LoRA twin: GraLoRA's fields without use_gralora=True are refused
+            del kw["gralora_k"], kw["hybrid_r"]
+        return LoraConfig(**kw)
 
     def __str__(self) -> str:
         flags = [f"k{self.k}", f"h{self.hybrid_r}"] + ["bias"] * self.bias + ["rslora"] * self.rslora
@@ -476,7 +479,10 @@ def test_compiled_training_step(kind, regime):
 
     def config(**overrides):
         kw = dict(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, **COMPILE_KINDS[kind])
-        return LoraConfig(**{**kw, **overrides})
+        kw.update(overrides)
+        if not kw["use_gralora"]:  # the plain-LoRA twin: GraLoRA's fields without use_gralora=True are refused
+            kw.pop("gralora_k", None), kw.pop("hybrid_r", None)
+        return LoraConfig(**kw)
 
     model, twin, pristine = make_pair(seeded(lambda: tiny_llama(num_hidden_layers=1)), config, regime)
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
