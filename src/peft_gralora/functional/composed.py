@@ -26,8 +26,9 @@ def _grid_latent(x2: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _gralora_composed(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int):
-    """The adapter in plain differentiable ops: ``(N, in) -> (N, out)``. Used under autocast (whose casts out= and
-    in-place writes would escape) and to differentiate :class:`_GraloraFunction` a second time."""
+    """The adapter in plain differentiable ops: ``(N, in) -> (N, out)``. Used under torch.func transforms and
+    forward-mode AD (every op here has batching and forward-derivative rules), by torch.compile without the custom
+    ops, and to differentiate :class:`_GraloraFunction` a second time."""
     u = _grid_latent(x2, weight_A[:g], k)  # (k_i, N, g)
     y = torch.bmm(u, weight_B[:, :g].unflatten(0, (k, -1)).transpose(1, 2))  # (k_i, N, g) @ (k_i, g, m)
     y = y.transpose(0, 1).reshape(x2.shape[0], weight_B.shape[0])  # (N, out)

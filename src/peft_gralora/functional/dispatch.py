@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from .compile_ops import COMPILE_OPS
 from .composed import _gralora_composed
@@ -17,24 +18,57 @@ def _any_requires_grad(*tensors: torch.Tensor) -> bool:
 
 # one call for every device type (torch.is_autocast_enabled(device_type) builds a device object per call)
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_functorch_stack = torch._C._functorch.peek_interpreter_stack  # None unless a torch.func transform is running
 
 
 def _needs_plain_ops(x2: torch.Tensor) -> bool:
-    """Eager mode under autocast: its casts would escape out= and in-place writes, so :func:`_gralora_composed`."""
-    if _any_autocast is None:
-        return torch.is_autocast_enabled(x2.device.type)
-    return _any_autocast()
+    """A torch.func transform (``vmap``, ``grad``, ``jvp``, ``jacrev`` ...) or a forward-mode AD level is active.
+
+    The fused kernels write through ``out=`` and in-place copies, which have no batching rule, and their autograd
+    function has no ``setup_context`` / ``jvp``: :func:`_gralora_composed`, made of ordinary differentiable ops,
+    carries batch dimensions, tangents and nested gradients through every transform. Two C-level reads (~0.1 us).
+    """
+    return _functorch_stack() is not None or _forward_ad._current_level >= 0
+
+
+def _autocast_dtype(x2: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on ``x2``'s device, or None when autocast is off there."""
+    # the common case in eager mode: one C call (dynamo traces the public query below instead)
+    if _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast():
+        return None
+    device_type = x2.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Autocast's own rule for a matmul operand: floating tensors other than float64 go to ``dtype``; the cast is
+    differentiable, so gradients arrive in the operand's own dtype (fp32 parameters get fp32 gradients)."""
+    if t.dtype == dtype or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
 
 
 def _adapter_2d(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int) -> torch.Tensor:
-    """``(N, in) -> (N, out)``, choosing the implementation: plain ops (autocast), the custom op (torch.compile),
-    the autograd function (a gradient is needed), or the inference kernels (no autograd at all)."""
+    """``(N, in) -> (N, out)``, choosing the implementation: plain ops (torch.func transforms, forward AD), the
+    custom op (torch.compile), the autograd function (a gradient is needed), or the inference kernels (no autograd).
+
+    Under autocast the fused kernels still run: their operands are cast here, as autocast casts the operands of
+    LoRA's ``Linear`` calls (to its dtype, differentiably), so every GEMM inside runs in that dtype and writes tensors
+    of that dtype (no cast escapes an ``out=`` or in-place write)."""
     if torch.compiler.is_compiling():
-        if COMPILE_OPS and not torch.is_autocast_enabled(x2.device.type):
+        if COMPILE_OPS:
+            dtype = _autocast_dtype(x2)
+            if dtype is not None:
+                x2, weight_A, weight_B = (_autocast_cast(t, dtype) for t in (x2, weight_A, weight_B))
             return COMPILE_OPS[0](x2, weight_A, weight_B, k, g)[0]
         return _gralora_composed(x2, weight_A, weight_B, k, g)
     if _needs_plain_ops(x2):
         return _gralora_composed(x2, weight_A, weight_B, k, g)
+    dtype = _autocast_dtype(x2)
+    if dtype is not None:
+        x2, weight_A, weight_B = (_autocast_cast(t, dtype) for t in (x2, weight_A, weight_B))
     if torch.is_grad_enabled() and _any_requires_grad(x2, weight_A, weight_B):
         return _GraloraFunction.apply(x2, weight_A, weight_B, k, g)
     if g == weight_A.shape[0]:
@@ -54,8 +88,9 @@ def gralora_forward(
 
     Two batched matmuls and one regrouping of the latent: FLOPs equal those of a rank-``r`` LoRA. With a gradient
     needed it runs as one autograd function with a hand-written backward; without (``no_grad``, ``inference_mode``,
-    frozen weights and input) as plain kernels with no autograd at all; under ``torch.compile`` and autocast as
-    ordinary differentiable ops.
+    frozen weights and input) as plain kernels with no autograd at all; under ``torch.compile`` as custom ops around
+    the same kernels. Under autocast the kernels compute in autocast's dtype (operands cast as LoRA's ``Linear``
+    operands are); under torch.func transforms and forward-mode AD as ordinary differentiable ops.
 
     Args:
         x: input of shape ``(..., in)``.
@@ -77,7 +112,8 @@ def gralora_forward(
     x2 = x.reshape(-1, weight_A.shape[1])  # (N, in): a view whenever the leading dims of x merge
     y = _adapter_2d(x2, weight_A, weight_B, k, g)  # (N, out)
     if bias_B is not None:
-        y = y + bias_B
+        dtype = _autocast_dtype(x2)  # autocast: LoRA's lora_B adds its bias in the autocast dtype too
+        y = y + (bias_B if dtype is None else _autocast_cast(bias_B, dtype))
     return y.view(*lead, weight_B.shape[0])  # (..., out)
 
 
@@ -118,6 +154,7 @@ def gralora_add_forward(
         )
         and result.dtype == x.dtype == weight_A.dtype == weight_B.dtype
         and not _needs_plain_ops(x)
+        and _autocast_dtype(x) in (None, x.dtype)
         and result.shape == (*x.shape[:-1], weight_B.shape[0])
     ):
         return _grid_no_grad(x, weight_A, weight_B, k, result, scaling)  # (..., out)
