@@ -6,6 +6,24 @@ import torch
 
 from .composed import _blocks, _gralora_composed
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.bmm(a, b, out=out)`` over the k blocks, for the block views of the kernels below.
+
+    In half precision on CPU, bmm hands strided batches to oneDNN only after copying every operand (and the output)
+    into contiguous batches, which costs more than the products here; one ``mm`` per block reads the same views as
+    2-D operands with leading dimensions (no copy). Elsewhere one batched call is cheapest.
+    """
+    if a.dtype not in _HALF or a.device.type != "cpu":
+        return torch.bmm(a, b) if out is None else torch.bmm(a, b, out=out)
+    if out is None:
+        out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+    for i in range(a.shape[0]):
+        torch.mm(a[i], b[i], out=out[i])
+    return out
+
 
 def _fused_forward(
     x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int
@@ -15,7 +33,7 @@ def _fused_forward(
     # x2 (N, in), weight_A (r, in), weight_B (out, r); latent rows [0, g) are the grid's, [g, r) the hybrid's
     n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
     a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n): column block j of A
-    z_t = torch.bmm(a_blocks, _blocks(x2, k).transpose(1, 2))  # (k_j, r, n) @ (k_j, n, N) = (k_j, r, N)
+    z_t = _bmm(a_blocks, _blocks(x2, k).transpose(1, 2))  # (k_j, r, n) @ (k_j, n, N) = (k_j, r, N)
     u = z_t.new_empty(k, n_tok, r)  # (k_i, N, r): [A_i1 x_1; ...; A_ik x_k; A_h x] per output block i
     # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks
     u[..., :g].unflatten(-1, (k, s)).copy_(z_t[:, :g].unflatten(1, (k, s)).permute(1, 3, 0, 2))
@@ -24,7 +42,7 @@ def _fused_forward(
     del z_t  # peak memory: gone before y exists
     b_t = weight_B.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, r, m): row block i of B, transposed
     y = u.new_empty(n_tok, weight_B.shape[0])  # (N, out)
-    torch.bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, r) @ (k_i, r, m) -> output block i of y, in place
+    _bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, r) @ (k_i, r, m) -> output block i of y, in place
     return y, u
 
 
@@ -85,21 +103,21 @@ def _fused_backward(
     g_blocks = _blocks(grad_y, k)  # (k_i, N, m)
     grad_x = grad_A = grad_B = None
     if need_b:
-        grad_b_t = torch.bmm(u.transpose(1, 2), g_blocks)  # (k_i, r, N) @ (k_i, N, m) = (k_i, r, m)
+        grad_b_t = _bmm(u.transpose(1, 2), g_blocks)  # (k_i, r, N) @ (k_i, N, m) = (k_i, r, m)
         grad_B = grad_b_t.transpose(1, 2).reshape(weight_B.shape)  # (k_i, m, r) = (out, r): B's size
     if need_x or need_a:
         b_blocks = weight_B.unflatten(0, (k, -1))  # (k_i, m, r)
-        grad_u_t = torch.bmm(b_blocks.transpose(1, 2), g_blocks.transpose(1, 2))  # (k_i, r, m) @ (k_i, m, N)
+        grad_u_t = _bmm(b_blocks.transpose(1, 2), g_blocks.transpose(1, 2))  # (k_i, r, m) @ (k_i, m, N)
         grad_z_t = grad_u_t.new_empty(k, r, n_tok)  # (k_j, r, N): gradient of z_t
         grad_z_t[:, :g].unflatten(1, (k, s)).copy_(grad_u_t[:, :g].unflatten(1, (k, s)).transpose(0, 1))
         if g < r:
             grad_z_t[:, g:].copy_(grad_u_t[:, g:].sum(0))  # (h, N): every block j gets the whole hybrid grad
         del grad_u_t  # peak memory: gone before grad x exists
         if need_a:
-            grad_a = torch.bmm(grad_z_t, _blocks(x2, k))  # (k_j, r, N) @ (k_j, N, n) = (k_j, r, n)
+            grad_a = _bmm(grad_z_t, _blocks(x2, k))  # (k_j, r, N) @ (k_j, N, n) = (k_j, r, n)
             grad_A = grad_a.transpose(0, 1).reshape(weight_A.shape)  # (r, k_j, n) = (r, in): A's size
         if need_x:
             a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n)
             grad_x = grad_z_t.new_empty(x2.shape)  # (N, in)
-            torch.bmm(grad_z_t.transpose(1, 2), a_blocks, out=_blocks(grad_x, k))  # (k_j, N, r) @ (k_j, r, n)
+            _bmm(grad_z_t.transpose(1, 2), a_blocks, out=_blocks(grad_x, k))  # (k_j, N, r) @ (k_j, r, n)
     return grad_x, grad_A, grad_B
