@@ -9,7 +9,8 @@ as ``Trainer(bf16=True)`` / accelerate's mixed precision); ``bf16`` (the whole m
 
 - ``stack``: 4 adapted ``nn.Linear(1024)`` in a row, 2048 tokens, forward + backward + AdamW (r=32, k=2 by default);
   the step's peak extra tensor memory (torch.profiler) beside it;
-- ``model``: one training step of SmolLM2-135M (every Linear adapted, r=32, k=2, batch 2 x 256 tokens);
+- ``model``: one training step of SmolLM2-135M (every Linear adapted, r=32, k=2, 1 x 256 tokens; ``--model-memory``
+  adds its peak memory);
 - ``decode`` / ``mixed``: :func:`benchmarks.serving.bench_decode` (unmerged greedy decode of 64 tokens; mixed batch of
   3 rows served by two adapters and the base model), upstream beside in decode;
 - ``compiled``: :func:`benchmarks.serving.bench_compiled` (compiled step, cold / warm compile time in fresh processes).
@@ -82,11 +83,14 @@ def bench_stack(dtype: torch.dtype, r: int, k: int, rounds: int, tokens: int = 2
     return res
 
 
-def bench_model_step(dtype: torch.dtype, rounds: int, r: int = 32, k: int = 2) -> dict[str, Any]:
-    """SmolLM2-135M: one training step (batch 2 x 256 tokens), every Linear adapted."""
+def bench_model_step(
+    dtype: torch.dtype, rounds: int, r: int = 32, k: int = 2, tokens: int = 256, memory: bool = False
+) -> dict[str, Any]:
+    """SmolLM2-135M: one training step (batch 1 x ``tokens``), every Linear adapted; its peak memory if ``memory``
+    (a profiled step costs several plain ones on one thread)."""
     base = model_bench.build_model("smollm2-135m").to(dtype)
     base.config.use_cache = False
-    ids = torch.randint(0, base.config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, base.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     models = {m: model_bench.adapted(base, m, r, k) for m in METHODS}
     opts = {
         m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-4) for m, mod in models.items()
@@ -98,8 +102,10 @@ def bench_model_step(dtype: torch.dtype, rounds: int, r: int = 32, k: int = 2) -
         opts[m].step()
 
     res = summarize(interleaved_times({m: (lambda m=m: step(m)) for m in METHODS}, rounds))
-    res["peak_bytes"] = {m: peak_alloc_bytes(lambda m=m: step(m)) for m in METHODS}
-    res["peak gralora/lora"] = res["peak_bytes"]["gralora"] / res["peak_bytes"]["lora"]
+    res["tokens"] = tokens
+    if memory:
+        res["peak_bytes"] = {m: peak_alloc_bytes(lambda m=m: step(m)) for m in METHODS}
+        res["peak gralora/lora"] = res["peak_bytes"]["gralora"] / res["peak_bytes"]["lora"]
     return res
 
 
@@ -150,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=32, help="rank of the stack and model parts (serving: 16)")
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model-tokens", type=int, default=256, help="tokens of the SmolLM2 step")
+    p.add_argument("--model-memory", action="store_true", help="also the SmolLM2 step's peak memory (slow)")
     p.add_argument("--clock", choices=("wall", "cpu"), default=None, help="default: cpu with 1 thread")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="suffix of the result files (precision<tag>.json)")
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if part == "stack":
                 res = bench_stack(dtype, args.r, args.k, args.rounds)
             elif part == "model":
-                res = bench_model_step(dtype, args.rounds, args.r, args.k)
+                res = bench_model_step(dtype, args.rounds, args.r, args.k, args.model_tokens, args.model_memory)
             elif part in ("decode", "mixed"):
                 base = serving.llama("cpu", dtype)
                 methods = list(METHODS) if part == "decode" else ["lora", "gralora"]
