@@ -147,3 +147,25 @@ def test_compiled_under_autocast_runs_the_custom_op_in_bf16(hybrid_r, no_plain_o
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
     for eager, compiled in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 4])
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=["fp32-weights", "bf16-weights"])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+@pytest.mark.parametrize("n_tok", [1, 3, 40])
+def test_decode_sized_inputs_in_half_precision(hybrid_r, weights, autocast, n_tok):
+    """Few half-precision tokens on CPU compute in float32 (faster there) and round once; under autocast the float32
+    kernels must not be cast back to bf16 half-way (a dtype clash inside). Output in the half dtype, within bf16
+    rounding of the dense formula."""
+    if weights == torch.float32 and not autocast:
+        pytest.skip("float32 without autocast is the float32 path")
+    x, weight_A, weight_B, result, _ = _operands(hybrid_r)
+    x, result = x[:n_tok].to(weights), result[:n_tok].bfloat16()
+    weight_A, weight_B = weight_A.to(weights), weight_B.to(weights)
+    ref = x.double() @ _gralora_delta(hybrid_r)(weight_A.double(), weight_B.double()).T
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = gralora_forward(x, weight_A, weight_B, K, hybrid_r)
+        added = gralora_add_forward(result, x, weight_A, weight_B, K, hybrid_r, 0.5)
+    assert y.dtype == added.dtype == torch.bfloat16
+    assert _rel(y, ref) < 1e-2
+    assert _rel(added, result.double() + 0.5 * ref) < 1e-2

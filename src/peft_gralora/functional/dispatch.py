@@ -83,12 +83,18 @@ def _adapter_2d(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor
         x2, weight_A, weight_B = (_autocast_cast(t, dtype) for t in (x2, weight_A, weight_B))
     if torch.is_grad_enabled() and _any_requires_grad(x2, weight_A, weight_B):
         return _GraloraFunction.apply(x2, weight_A, weight_B, k, g)
-    if g == weight_A.shape[0]:
-        if _few_half_tokens_on_cpu(x2):
-            return _grid_no_grad(x2.float(), weight_A.float(), weight_B.float(), k).to(x2.dtype)
-        return _grid_no_grad(x2, weight_A, weight_B, k)
     if _few_half_tokens_on_cpu(x2):
-        return _fused_forward(x2.float(), weight_A.float(), weight_B.float(), k, g)[0].to(x2.dtype)
+        if dtype is None:
+            return _no_grad_kernels(x2.float(), weight_A.float(), weight_B.float(), k, g).to(x2.dtype)
+        with torch.autocast("cpu", enabled=False):  # float32 kernels: autocast must not cast their GEMMs back
+            return _no_grad_kernels(x2.float(), weight_A.float(), weight_B.float(), k, g).to(x2.dtype)
+    return _no_grad_kernels(x2, weight_A, weight_B, k, g)
+
+
+def _no_grad_kernels(x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int) -> torch.Tensor:
+    """The inference kernel without hybrid branch, the fused forward with it: ``(N, in) -> (N, out)``."""
+    if g == weight_A.shape[0]:
+        return _grid_no_grad(x2, weight_A, weight_B, k)
     return _fused_forward(x2, weight_A, weight_B, k, g)[0]
 
 
@@ -170,7 +176,7 @@ def gralora_add_forward(
         )
         and result.dtype == x.dtype == weight_A.dtype == weight_B.dtype
         and not _needs_plain_ops(x)
-        and _autocast_dtype(x) in (None, x.dtype)
+        and _autocast_dtype(x) is None
         and result.shape == (*x.shape[:-1], weight_B.shape[0])
     ):
         if _few_half_tokens_on_cpu(x):
