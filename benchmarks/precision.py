@@ -64,13 +64,16 @@ def _stack_models(dtype: torch.dtype, r: int, k: int, width: int = 1024, depth: 
     return out
 
 
-def bench_stack(dtype: torch.dtype, r: int, k: int, rounds: int, tokens: int = 2048) -> dict[str, Any]:
-    """The layer stack's training step: ``(tokens, 1024)`` through 4 adapted Linear, forward + backward + AdamW."""
-    models = _stack_models(dtype, r, k)
+def bench_stack(
+    dtype: torch.dtype, r: int, k: int, rounds: int, tokens: int = 2048, width: int = 1024, depth: int = 4
+) -> dict[str, Any]:
+    """The layer stack's training step: ``(tokens, width)`` through ``depth`` adapted Linear, forward + backward +
+    AdamW."""
+    models = _stack_models(dtype, r, k, width, depth)
     opts = {
         m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-4) for m, mod in models.items()
     }
-    x = torch.randn(tokens, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(0)).to(dtype)
 
     def step(m: str) -> None:
         opts[m].zero_grad(set_to_none=True)
