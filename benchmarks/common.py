@@ -12,6 +12,7 @@ The model benchmark adds the peak RSS of a fresh subprocess (``resource.getrusag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,33 @@ CLOCK = {"name": "wall"}
 
 # the dtypes the benchmarks take on their command lines (--dtype)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# precision regimes (--regime): the dtype of the model's weights and the autocast dtype every timed call runs under.
+# bf16-autocast is what the Trainer's bf16=True / accelerate's mixed precision do: fp32 weights, bf16 matmuls.
+REGIMES: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
+    "fp32": (torch.float32, None),
+    "bf16-autocast": (torch.float32, torch.bfloat16),
+    "bf16": (torch.bfloat16, None),
+    "fp16": (torch.float16, None),
+}
+REGIME: dict[str, Any] = {"name": "fp32", "autocast": None, "device": "cpu"}
+
+
+def set_regime(name: str, device: str = "cpu") -> torch.dtype:
+    """Make ``name`` the regime of every timed / measured call on ``device``; returns the dtype the models' weights
+    must have."""
+    if name not in REGIMES:
+        raise ValueError(f"unknown regime {name!r}; choose from {sorted(REGIMES)}")
+    dtype, autocast = REGIMES[name]
+    REGIME.update(name=name, autocast=autocast, device=str(device).split(":")[0])
+    return dtype
+
+
+def regime_context(device: str | None = None) -> contextlib.AbstractContextManager:
+    """Autocast to the regime's dtype (or nothing): what a training loop wraps its forward in."""
+    if REGIME["autocast"] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(str(device or REGIME["device"]).split(":")[0], dtype=REGIME["autocast"])
 
 
 def child_json(code: str, tag: str, env: dict[str, str] | None = None) -> Any:
@@ -106,18 +134,21 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: in
     """Run every function once per round, in a rotating order, ``rounds`` times; seconds per call and name.
 
     Interleaving puts all methods under the same background load; the rotation spreads any first-in-round effect.
+    Every call runs under the precision regime's autocast (:func:`set_regime`; none by default).
     """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
-            fns[name]()
+            with regime_context():
+                fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(rounds):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            t0 = now()
-            fns[name]()
-            times[name].append(now() - t0)
+            with regime_context():  # entered outside the clock: the calls are timed, not the context
+                t0 = now()
+                fns[name]()
+                times[name].append(now() - t0)
     return times
 
 
@@ -152,13 +183,14 @@ def peak_alloc_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        fn()
+        with regime_context(device):
+            fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, regime_context():
         fn()
     events: list[tuple[int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())

@@ -4,6 +4,7 @@
     python -m benchmarks.run --quick         # a subsampled layer grid, fewer repeats
     python -m benchmarks.run --only layer    # any of: layer, model, startup (comma separated)
     python -m benchmarks.run --device cuda --dtype bfloat16 --only layer,model   # on a GPU
+    python -m benchmarks.run --regime bf16-autocast --only layer,model            # fp32 weights under bf16 autocast
 
 Results go to ``benchmarks/results/`` (``--out`` to change): ``layer.json``/``layer.md``/``layer.png``,
 ``model.json``/``model.md``/``model.png``, ``startup.json``/``startup.md`` and ``summary.md``.
@@ -23,7 +24,7 @@ import torch
 from . import layer as layer_bench
 from . import model as model_bench
 from . import startup as startup_bench
-from .common import DTYPES, RESULTS_DIR, environment, set_clock, write_json
+from .common import DTYPES, REGIMES, RESULTS_DIR, environment, set_clock, set_regime, write_json
 
 PARTS = ("layer", "model", "startup")
 MODELS = ("smollm2-135m", "wide-tiny-llama")
@@ -45,6 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (layer and model parts)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the layer and model parts")
     p.add_argument(
+        "--regime",
+        default=None,
+        choices=sorted(REGIMES),
+        help="precision regime (weights dtype + autocast); overrides --dtype: fp32, bf16-autocast (fp32 weights under "
+        "bf16 autocast, as Trainer(bf16=True)), bf16 / fp16 (half-precision weights)",
+    )
+    p.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default=None,
@@ -55,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.regime:
+        weights = set_regime(args.regime, args.device)
+        args.dtype = next(name for name, dt in DTYPES.items() if dt == weights)
     torch.set_num_threads(args.threads)
     set_clock(args.clock or ("cpu" if args.threads == 1 else "wall"))
     torch.manual_seed(0)
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     mode = "quick" if args.quick else "full"
     env = environment(args.threads)
-    env.update(device=args.device, dtype=args.dtype)
+    env.update(device=args.device, dtype=args.dtype, regime=args.regime or args.dtype)
     print(f"[run] mode={mode} parts={parts} env={json.dumps(env)}", flush=True)
     results: dict[str, Any] = {}
 
@@ -164,7 +175,7 @@ def _env_line(env: dict[str, Any]) -> str:
 
 
 def _where(env: dict[str, Any]) -> str:
-    return f"{env.get('dtype', 'float32')} on {env.get('device', 'cpu')}"
+    return f"{env.get('regime', env.get('dtype', 'float32'))} on {env.get('device', 'cpu')}"
 
 
 def _layer_md(payload: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ the ``torch.compile``d training step, compile time and graph breaks, for LoRA, t
     python -m benchmarks.serving                                  # CPU, fp32, 1 thread (the committed results)
     python -m benchmarks.serving --device cuda --dtype bfloat16   # the same on a GPU
     python -m benchmarks.serving --only decode,mixed --rounds 5   # a subset
+    python -m benchmarks.serving --regime bf16-autocast           # fp32 weights under bf16 autocast (or bf16)
 
 The model is a random-init Llama (hidden 512, 4 layers, MLP 1536, vocabulary 2048) with every Linear adapted at
 r=16 (GraLoRA k=2). Decode = ``generate`` of 64 new tokens, greedy, batch 1, after a 16-token prompt; mixed = the same
@@ -26,13 +27,16 @@ import torch
 
 from .common import (
     DTYPES,
+    REGIMES,
     RESULTS_DIR,
     child_json,
     environment,
     interleaved_times,
     peft_config,
     randomize_adapters,
+    regime_context,
     set_clock,
+    set_regime,
     summarize,
     sync,
 )
@@ -144,26 +148,33 @@ def graph_breaks(base, method: str, r: int, k: int, device: str) -> dict[str, in
     return out
 
 
-def compile_child(method: str, r: int, k: int, device: str, dtype: str, threads: int) -> dict[str, Any]:
+def compile_child(
+    method: str, r: int, k: int, device: str, dtype: str, threads: int, regime: str | None = None
+) -> dict[str, Any]:
     """In this (fresh) process, with an empty inductor cache: seconds of the first compiled training step (cold:
     dynamo, AOT autograd, inductor and its C++ compiler), then after ``torch._dynamo.reset()`` of the first step of a
     new compile (warm: inductor's caches hit), and the graph breaks."""
     import torch._dynamo
 
     torch.set_num_threads(threads)
+    if regime:
+        set_regime(regime, device)
     base = llama(device, DTYPES[dtype])
     out: dict[str, Any] = {}
     for state in ("cold", "warm"):
         torch._dynamo.reset()
         step = _step_fns(base, [method], r, k, device, compiled=True)[method]
         t0 = time.perf_counter()
-        step()
+        with regime_context(device):
+            step()
         out[f"{state}_s"] = time.perf_counter() - t0
     out.update(graph_breaks(base, method, r, k, device))
     return out
 
 
-def compile_times(methods: list[str], r: int, k: int, device: str, dtype: str, threads: int) -> dict[str, Any]:
+def compile_times(
+    methods: list[str], r: int, k: int, device: str, dtype: str, threads: int, regime: str | None = None
+) -> dict[str, Any]:
     """:func:`compile_child` for each method, each in its own interpreter and inductor cache folder (no method
     profits from kernels another one compiled)."""
     import os
@@ -175,14 +186,23 @@ def compile_times(methods: list[str], r: int, k: int, device: str, dtype: str, t
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
             code = (
                 "import json; from benchmarks.serving import compile_child; "
-                f"print('COMPILE=' + json.dumps(compile_child({m!r}, {r}, {k}, {device!r}, {dtype!r}, {threads})))"
+                f"args = ({m!r}, {r}, {k}, {device!r}, {dtype!r}, {threads}, {regime!r}); "
+                "print('COMPILE=' + json.dumps(compile_child(*args)))"
             )
             out[m] = child_json(code, "COMPILE", env)
     return out
 
 
 def bench_compiled(
-    base, methods: list[str], r: int, k: int, rounds: int, device: str, dtype: str, threads: int
+    base,
+    methods: list[str],
+    r: int,
+    k: int,
+    rounds: int,
+    device: str,
+    dtype: str,
+    threads: int,
+    regime: str | None = None,
 ) -> dict[str, Any]:
     """The compiled training step's time (interleaved), then compile times and graph breaks (fresh processes)."""
     import torch._dynamo
@@ -191,10 +211,11 @@ def bench_compiled(
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     fns = _step_fns(base, methods, r, k, device, compiled=True)
     for m in methods:  # compile, then one step at steady state (recompiles would show here)
-        fns[m]()
-        fns[m]()
+        with regime_context(device):
+            fns[m]()
+            fns[m]()
     res = summarize(interleaved_times(fns, rounds, warmup=0))
-    res["compile"] = compile_times(methods, r, k, device, dtype, threads)
+    res["compile"] = compile_times(methods, r, k, device, dtype, threads, regime)
     for state in ("cold", "warm"):
         res[f"compile {state} gralora/lora"] = (
             res["compile"]["gralora"][f"{state}_s"] / res["compile"]["lora"][f"{state}_s"]
@@ -205,7 +226,7 @@ def bench_compiled(
 def markdown(payload: dict[str, Any]) -> str:
     env = payload["environment"]
     lines = [
-        f"# Serving and compiled training ({payload['device']}, {payload['dtype']})",
+        f"# Serving and compiled training ({payload['device']}, {payload.get('regime', payload['dtype'])})",
         "",
         f"torch {env['torch']}, peft {env['peft']}, transformers {env['transformers']}, {env['cpu_count']} CPU cores, "
         f"{env['torch_threads']} torch threads, {env['clock']} clock, load average at start "
@@ -268,6 +289,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument(
+        "--regime",
+        default=None,
+        choices=sorted(REGIMES),
+        help="precision regime, overrides --dtype: fp32, bf16-autocast (fp32 weights, bf16 autocast), bf16, fp16",
+    )
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per measurement")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -283,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pathlib import Path
 
     args = parse_args(argv)
+    if args.regime:
+        weights = set_regime(args.regime, args.device)
+        args.dtype = next(name for name, dt in DTYPES.items() if dt == weights)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     if set(parts) - set(PARTS):
         raise SystemExit(f"--only: unknown part(s) {sorted(set(parts) - set(PARTS))}; choose from {PARTS}")
@@ -293,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = llama(args.device, dtype)
     out_dir = Path(args.out)
     payload: dict[str, Any] = dict(device=args.device, dtype=args.dtype, r=args.r, k=args.k, rounds=args.rounds)
+    payload["regime"] = args.regime or args.dtype
     payload["environment"] = environment(args.threads)
     payload["results"] = results = {}
     everything = ["lora", "gralora", "upstream"]
@@ -307,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[part] = bench_step(base, everything, args.r, args.k, args.rounds, args.device)
         else:
             results[part] = bench_compiled(
-                base, everything, args.r, args.k, args.rounds, args.device, args.dtype, args.threads
+                base, everything, args.r, args.k, args.rounds, args.device, args.dtype, args.threads, args.regime
             )
         short = {key: round(v, 3) for key, v in results[part].items() if isinstance(v, float)}
         print(f"[serving] {part}: {json.dumps(short)} ({time.perf_counter() - t0:.0f}s)", flush=True)

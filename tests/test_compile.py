@@ -127,7 +127,7 @@ def test_functional_forward_compiles_with_or_without_the_custom_ops(monkeypatch,
     from peft_gralora import functional
 
     ops = functional.register_compile_ops()
-    monkeypatch.setattr(functional, "COMPILE_OPS", ops if registered else [])
+    monkeypatch.setattr(functional.dispatch, "COMPILE_OPS", ops if registered else [])
     gen = torch.Generator().manual_seed(4)
     x, weight_A, weight_B = torch.randn(5, 8, generator=gen), torch.randn(6, 8, generator=gen), torch.randn(4, 6)
     weight_A.requires_grad_(True)
@@ -148,7 +148,7 @@ def test_compiled_add_forward_matches_the_block_formula(monkeypatch, mode, h):
     from peft_gralora import functional
 
     ops = functional.register_compile_ops()
-    monkeypatch.setattr(functional, "COMPILE_OPS", [] if mode == "plain ops" else ops)
+    monkeypatch.setattr(functional.dispatch, "COMPILE_OPS", [] if mode == "plain ops" else ops)
     gen = torch.Generator().manual_seed(5)
     x, result = torch.randn(2, 3, 8, generator=gen), torch.randn(2, 3, 4, generator=gen)
     weight_A, weight_B = torch.randn(4 + h, 8, generator=gen), torch.randn(4, 4 + h, generator=gen)

@@ -60,7 +60,7 @@ def _inputs(k, s, h, n, m, lead, mem, seed=0):
 
 def _run(path: str, fn, weights, monkeypatch):
     if path == "plain":  # what torch.compile traces and autocast runs
-        monkeypatch.setattr(functional, "_needs_plain_ops", lambda x: True)
+        monkeypatch.setattr(functional.dispatch, "_needs_plain_ops", lambda x: True)
     if path == "function":
         for w in weights:
             w.requires_grad_(True)

@@ -1,0 +1,174 @@
+"""GraLoRA under bf16 autocast: the fused kernels compute in autocast's dtype, as plain LoRA's ``Linear`` layers do.
+
+Numerics are judged against LoRA's own: the same inputs through plain LoRA (``B @ A x`` with the same two factors)
+under the same autocast, each compared with its float64 result; GraLoRA's error (outputs and gradients) may not be
+more than a small factor above LoRA's. Every path is run: the autograd function (training), the inference kernel
+(``no_grad``), the fused add of ``gralora_add_forward``, and the custom ops under ``torch.compile``; the plain-op
+implementation is made to fail, so none of these can fall back to it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_gralora import functional
+from peft_gralora.functional import gralora_add_forward, gralora_forward, register_compile_ops
+from tests.reference import dense_delta
+
+K, N_TOK, IN, OUT = 2, 48, 64, 96
+# GraLoRA's bf16 error is within this factor of LoRA's (measured ~0.8-1.3x: both round the latent and the output once)
+FACTOR = 2.0
+
+
+def _operands(hybrid_r: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    r = 8 + hybrid_r
+    x = torch.randn(N_TOK, IN, generator=gen)
+    weight_A = torch.randn(r, IN, generator=gen) / IN**0.5
+    weight_B = torch.randn(OUT, r, generator=gen)
+    result = torch.randn(N_TOK, OUT, generator=gen)
+    grad_y = torch.randn(N_TOK, OUT, generator=gen)
+    return x, weight_A, weight_B, result, grad_y
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref).norm() / ref.norm())
+
+
+def _errors(fn, x, weight_A, weight_B, grad_y, ref_delta):
+    """Relative errors of ``fn``'s output and of the gradients of ``x``, ``A``, ``B`` (under bf16 autocast) against
+    float64 with the dense update ``ref_delta (out, in)`` that ``fn`` stands for; and the dtypes seen."""
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight_A, weight_B)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(*leaves)
+    y.backward(grad_y)
+    ref_leaves = [t.double().requires_grad_(True) for t in (x, weight_A, weight_B)]
+    y_ref = ref_leaves[0] @ ref_delta(*ref_leaves[1:]).T
+    y_ref.backward(grad_y.double())
+    errors = [_rel(y.detach(), y_ref.detach())] + [
+        _rel(a.grad, b.grad) for a, b in zip(leaves, ref_leaves, strict=True)
+    ]
+    return errors, y.dtype, [t.grad.dtype for t in leaves]
+
+
+def _lora_delta(weight_A, weight_B):
+    return weight_B @ weight_A
+
+
+def _gralora_delta(hybrid_r):
+    def delta(weight_A, weight_B):  # differentiable block formula, float64
+        g = weight_A.shape[0] - hybrid_r
+        s, n, m = g // K, IN // K, OUT // K
+        rows = [
+            torch.cat(
+                [
+                    weight_B[i * m : (i + 1) * m, j * s : (j + 1) * s]
+                    @ weight_A[i * s : (i + 1) * s, j * n : (j + 1) * n]
+                    for j in range(K)
+                ],
+                1,
+            )
+            for i in range(K)
+        ]
+        out = torch.cat(rows, 0)
+        return out + weight_B[:, g:] @ weight_A[g:] if hybrid_r else out
+
+    return delta
+
+
+@pytest.fixture
+def no_plain_ops(monkeypatch):
+    def _fail(*args, **kwargs):
+        raise AssertionError("autocast must keep the fused kernels")
+
+    monkeypatch.setattr(functional.dispatch, "_gralora_composed", _fail)
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 4])
+def test_reference_delta_is_the_dense_formula(hybrid_r):
+    _, weight_A, weight_B, _, _ = _operands(hybrid_r)
+    torch.testing.assert_close(
+        _gralora_delta(hybrid_r)(weight_A.double(), weight_B.double()), dense_delta(weight_A, weight_B, K, hybrid_r)
+    )
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 4])
+@pytest.mark.parametrize("gemms", ["batched", "per-block"])
+def test_training_under_autocast_is_as_close_to_fp32_as_lora(hybrid_r, gemms, no_plain_ops, monkeypatch):
+    if gemms == "per-block":  # what large half-precision inputs on CPU run (one mm per block, no strided bmm)
+        monkeypatch.setattr(functional.training, "_LOOP_ELEMENTS", 0)
+    x, weight_A, weight_B, _, grad_y = _operands(hybrid_r)
+    lora, lora_dtype, lora_grad_dtypes = _errors(
+        lambda x, a, b: F.linear(F.linear(x, a), b), x, weight_A, weight_B, grad_y, _lora_delta
+    )
+    gra, gra_dtype, gra_grad_dtypes = _errors(
+        lambda x, a, b: gralora_forward(x, a, b, K, hybrid_r), x, weight_A, weight_B, grad_y, _gralora_delta(hybrid_r)
+    )
+    assert gra_dtype == lora_dtype == torch.bfloat16  # computed in autocast's dtype, as LoRA is
+    assert gra_grad_dtypes == lora_grad_dtypes == [torch.float32] * 3  # gradients in the parameters' dtype
+    for what, g, lo in zip(("y", "grad x", "grad A", "grad B"), gra, lora, strict=True):
+        assert 1e-4 < lo and g <= FACTOR * lo, f"{what}: GraLoRA {g:.2e} vs LoRA {lo:.2e}"
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 4])
+@pytest.mark.parametrize("add", [False, True], ids=["forward", "add_forward"])
+def test_inference_under_autocast_is_as_close_to_fp32_as_lora(hybrid_r, add, no_plain_ops):
+    x, weight_A, weight_B, result, _ = _operands(hybrid_r)
+    base = result.bfloat16()  # what an autocast base layer returns
+    ref = result.double() + 0.5 * (x.double() @ _gralora_delta(hybrid_r)(weight_A.double(), weight_B.double()).T)
+    lora_ref = result.double() + 0.5 * (x.double() @ (weight_B.double() @ weight_A.double()).T)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        lora = base + F.linear(F.linear(x, weight_A), weight_B) * 0.5
+        if add:
+            y = gralora_add_forward(base, x, weight_A, weight_B, K, hybrid_r, 0.5)
+        else:
+            y = base + gralora_forward(x, weight_A, weight_B, K, hybrid_r) * 0.5
+    assert y.dtype == lora.dtype == torch.bfloat16
+    assert _rel(y, ref) <= FACTOR * _rel(lora, lora_ref)
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 4])
+def test_compiled_under_autocast_runs_the_custom_op_in_bf16(hybrid_r, no_plain_ops):
+    """Under torch.compile + autocast: one graph with the custom op, the eager kernels' numbers."""
+    register_compile_ops()
+    x, weight_A, weight_B, result, grad_y = _operands(hybrid_r)
+
+    def step(result, x, a, b):
+        return gralora_add_forward(result, x, a, b, K, hybrid_r, 0.5)
+
+    outs, grads = [], []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight_A, weight_B)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(result.bfloat16(), *leaves)
+        y.backward(grad_y.bfloat16())
+        outs.append(y)
+        grads.append([t.grad for t in leaves])
+    assert outs[1].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads[1])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for eager, compiled in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 4])
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=["fp32-weights", "bf16-weights"])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+@pytest.mark.parametrize("n_tok", [1, 3, 40])
+def test_decode_sized_inputs_in_half_precision(hybrid_r, weights, autocast, n_tok):
+    """Few half-precision tokens on CPU compute in float32 (faster there) and round once; under autocast the float32
+    kernels must not be cast back to bf16 half-way (a dtype clash inside). Output in the half dtype, within bf16
+    rounding of the dense formula."""
+    if weights == torch.float32 and not autocast:
+        pytest.skip("float32 without autocast is the float32 path")
+    x, weight_A, weight_B, result, _ = _operands(hybrid_r)
+    x, result = x[:n_tok].to(weights), result[:n_tok].bfloat16()
+    weight_A, weight_B = weight_A.to(weights), weight_B.to(weights)
+    ref = x.double() @ _gralora_delta(hybrid_r)(weight_A.double(), weight_B.double()).T
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = gralora_forward(x, weight_A, weight_B, K, hybrid_r)
+        added = gralora_add_forward(result, x, weight_A, weight_B, K, hybrid_r, 0.5)
+    assert y.dtype == added.dtype == torch.bfloat16
+    assert _rel(y, ref) < 1e-2
+    assert _rel(added, result.double() + 0.5 * ref) < 1e-2
