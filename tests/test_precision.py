@@ -3,8 +3,8 @@
 Numerics are judged against LoRA's own: the same inputs through plain LoRA (``B @ A x`` with the same two factors)
 under the same autocast, each compared with its float64 result; GraLoRA's error (outputs and gradients) may not be
 more than a small factor above LoRA's. Every path is run: the autograd function (training), the inference kernel
-(``no_grad``), the fused add of ``gralora_add_forward``, and the custom ops under ``torch.compile``; the plain-op
-implementation is made to fail, so none of these can fall back to it.
+(``no_grad``) and the fused add of ``gralora_add_forward``, with the plain-op implementation made to fail so that none
+of them can fall back to it; and ``torch.compile``, where autocast traces the plain ops on purpose.
 """
 
 from __future__ import annotations
@@ -58,24 +58,7 @@ def _lora_delta(weight_A, weight_B):
 
 
 def _gralora_delta(hybrid_r):
-    def delta(weight_A, weight_B):  # differentiable block formula, float64
-        g = weight_A.shape[0] - hybrid_r
-        s, n, m = g // K, IN // K, OUT // K
-        rows = [
-            torch.cat(
-                [
-                    weight_B[i * m : (i + 1) * m, j * s : (j + 1) * s]
-                    @ weight_A[i * s : (i + 1) * s, j * n : (j + 1) * n]
-                    for j in range(K)
-                ],
-                1,
-            )
-            for i in range(K)
-        ]
-        out = torch.cat(rows, 0)
-        return out + weight_B[:, g:] @ weight_A[g:] if hybrid_r else out
-
-    return delta
+    return lambda weight_A, weight_B: dense_delta(weight_A, weight_B, K, hybrid_r)  # differentiable, float64
 
 
 @pytest.fixture
@@ -84,14 +67,6 @@ def no_plain_ops(monkeypatch):
         raise AssertionError("autocast must keep the fused kernels")
 
     monkeypatch.setattr(functional.dispatch, "_gralora_composed", _fail)
-
-
-@pytest.mark.parametrize("hybrid_r", [0, 4])
-def test_reference_delta_is_the_dense_formula(hybrid_r):
-    _, weight_A, weight_B, _, _ = _operands(hybrid_r)
-    torch.testing.assert_close(
-        _gralora_delta(hybrid_r)(weight_A.double(), weight_B.double()), dense_delta(weight_A, weight_B, K, hybrid_r)
-    )
 
 
 @pytest.mark.parametrize("hybrid_r", [0, 4])
@@ -130,26 +105,32 @@ def test_inference_under_autocast_is_as_close_to_fp32_as_lora(hybrid_r, add, no_
 
 
 @pytest.mark.parametrize("hybrid_r", [0, 4])
-def test_compiled_under_autocast_runs_the_custom_op_in_bf16(hybrid_r, no_plain_ops):
-    """Under torch.compile + autocast: one graph with the custom op, the eager kernels' numbers."""
+def test_compiled_under_autocast_is_as_close_to_fp32_as_lora(hybrid_r):
+    """Under torch.compile + autocast the adapter traces as plain ops (inductor fuses autocast's casts into them: a
+    faster compiled bf16 step than the custom op with cast operands): one graph, bf16 output, fp32 gradients, errors
+    against float64 within FACTOR of compiled plain LoRA's."""
     register_compile_ops()
-    x, weight_A, weight_B, result, grad_y = _operands(hybrid_r)
 
-    def step(result, x, a, b):
-        return gralora_add_forward(result, x, a, b, K, hybrid_r, 0.5)
+    def compiled(fn):
+        return torch.compile(fn, backend="aot_eager", fullgraph=True)
 
-    outs, grads = [], []
-    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
-        leaves = [t.clone().requires_grad_(True) for t in (x, weight_A, weight_B)]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = fn(result.bfloat16(), *leaves)
-        y.backward(grad_y.bfloat16())
-        outs.append(y)
-        grads.append([t.grad for t in leaves])
-    assert outs[1].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads[1])
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-    for eager, compiled in zip(grads[0], grads[1], strict=True):
-        torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
+    x, weight_A, weight_B, _, grad_y = _operands(hybrid_r)
+    lora, lora_dtype, lora_grad_dtypes = _errors(
+        compiled(lambda x, a, b: F.linear(F.linear(x, a), b)), x, weight_A, weight_B, grad_y, _lora_delta
+    )
+    gra, gra_dtype, gra_grad_dtypes = _errors(
+        compiled(lambda x, a, b: gralora_forward(x, a, b, K, hybrid_r)),
+        x,
+        weight_A,
+        weight_B,
+        grad_y,
+        _gralora_delta(hybrid_r),
+    )
+    torch._dynamo.reset()
+    assert gra_dtype == lora_dtype == torch.bfloat16
+    assert gra_grad_dtypes == lora_grad_dtypes == [torch.float32] * 3
+    for what, g, lo in zip(("y", "grad x", "grad A", "grad B"), gra, lora, strict=True):
+        assert 1e-4 < lo and g <= FACTOR * lo, f"{what}: GraLoRA {g:.2e} vs LoRA {lo:.2e}"
 
 
 @pytest.mark.parametrize("hybrid_r", [0, 4])
