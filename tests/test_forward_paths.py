@@ -210,3 +210,53 @@ def test_one_token_keeps_the_result_shape_on_every_layout(lead, mem):
         added = gralora_add_forward(result_l, x_l, a_l, b_l, 2, 0, 0.5)
     assert added.shape == result.shape == (*lead, 4)
     torch.testing.assert_close(added, result + 0.5 * dense_output(x, weight_A, weight_B, 2, 0), **TOL)
+
+
+def _rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.double() - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("path", ["no_grad", "function"])
+@settings(max_examples=20, deadline=None)
+@given(case=cases(), n_tok=st.integers(17, 40))
+def test_bfloat16_kernels_on_every_layout(path, case, n_tok):
+    """bf16 on CPU runs its own orientation of the GEMMs (token rows first, ``functional/orientation.py``), with its
+    own strided block views: every layout against the dense formula, output and gradients. More than 16 tokens, so
+    that no decode-sized upcast to float32 hides the bf16 kernels; a mixed-up block is off by O(1), bf16 rounding by
+    well under 2 %."""
+    k, s, h, n, m, _, mem = case
+    (x, weight_A, weight_B, result), _ = _inputs(k, s, h, n, m, [n_tok], mem)
+    x, weight_A, weight_B, result = (t.bfloat16() for t in (x, weight_A, weight_B, result))
+    x_l, a_l, b_l, result_l = (in_memory(t, how) for t, how in zip((x, weight_A, weight_B, result), mem, strict=True))
+    ref = [t.double().requires_grad_(path == "function") for t in (x, weight_A, weight_B)]
+    expected = dense_output(*ref, k, h)
+    if path == "no_grad":
+        with torch.no_grad():
+            y = gralora_forward(x_l, a_l, b_l, k, h)
+            added = gralora_add_forward(result_l, x_l, a_l, b_l, k, h, 0.5)
+        assert y.dtype == added.dtype == torch.bfloat16
+        assert _rel_error(added, result.double() + 0.5 * expected) < 2e-2
+    else:
+        leaves = [t.detach().requires_grad_(True) for t in (x_l, a_l, b_l)]
+        y = gralora_forward(*leaves, k, h)
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+        y.backward(grad_y)
+        expected.backward(grad_y.double())
+        for leaf, ref_leaf in zip(leaves, ref, strict=True):
+            assert leaf.grad.dtype == torch.bfloat16
+            assert _rel_error(leaf.grad, ref_leaf.grad) < 2e-2
+    assert _rel_error(y, expected.detach()) < 2e-2
+
+
+@pytest.mark.parametrize("n_tok", [1, 24])
+def test_half_precision_result_with_float32_adapter(n_tok):
+    """A bf16 base with float32 adapters (peft's default ``autocast_adapter_dtype``): the add path takes the fused
+    kernel with the result upcast, and returns float32, as LoRA's ``result + lora_B(lora_A(x)) * scaling`` does."""
+    (x, weight_A, weight_B, result), _ = _inputs(2, 3, 0, 4, 5, [n_tok], ("contiguous",) * 4)
+    x, weight_A, weight_B = (t.float() for t in (x, weight_A, weight_B))
+    result = result.bfloat16()
+    expected = result.double() + 0.5 * dense_output(x.double(), weight_A.double(), weight_B.double(), 2, 0)
+    with torch.no_grad():
+        y = gralora_add_forward(result, x, weight_A, weight_B, 2, 0, 0.5)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)

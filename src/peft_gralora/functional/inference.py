@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .orientation import _rows_first
+
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """``t (..., c)`` as rows: ``(t or a 2-D copy, N, row stride, column stride)``, with no op for contiguous ``t``."""
@@ -26,8 +28,9 @@ def _grid_no_grad(
 
     ``x`` is ``(..., in)`` and ``result`` has the same leading dims. No autograd and the fewest dispatched ops (a
     decode step is all framework overhead): every block view is one ``as_strided`` built from the operands' own
-    strides (any layout), two batched GEMMs with the ``r``-sized side first, one copy of the ``k r``-per-token latent,
-    and the scaled add of ``result`` done by the second GEMM.
+    strides (any layout), two batched GEMMs (the ``r``-sized side first, or token rows first where that is faster:
+    :func:`_rows_first`), one copy of the ``k r``-per-token latent, and the scaled add of ``result`` done by the
+    second GEMM.
     """
     out_features, g = weight_B.shape
     in_features = weight_A.shape[1]
@@ -39,11 +42,18 @@ def _grid_no_grad(
     n, m, s = in_features // k, out_features // k, g // k
     ar, ac = weight_A.stride()
     br, bc = weight_B.stride()
-    x_t = x.as_strided((k, n, n_tok), (n * xc, xc, xr))  # (k_j, n, N): x_j^T
-    a_b = weight_A.as_strided((k, g, n), (n * ac, ar, ac))  # (k_j, g, n): [A_1j; ...; A_kj]
-    z_t = torch.bmm(a_b, x_t)  # (k_j, (i, t), N), contiguous
-    # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks (the one copy)
-    u = z_t.as_strided((k, n_tok, k, s), (s * n_tok, 1, g * n_tok, n_tok)).reshape(k, n_tok, g)  # (k_i, N, g)
+    if _rows_first(x):
+        x_b = x.as_strided((k, n_tok, n), (n * xc, xr, xc))  # (k_j, N, n): x_j
+        a_t = weight_A.as_strided((k, n, g), (n * ac, ac, ar))  # (k_j, n, g): [A_1j; ...; A_kj]^T
+        z = torch.bmm(x_b, a_t)  # (k_j, N, (i, t)), contiguous
+        # u[i, :, (j, t)] = z[j, :, (i, t)]: the transpose of the k x k grid of s-chunks (the one copy)
+        u = z.view(k, n_tok, k, s).permute(2, 1, 0, 3).reshape(k, n_tok, g)  # (k_i, N, g)
+    else:
+        x_t = x.as_strided((k, n, n_tok), (n * xc, xc, xr))  # (k_j, n, N): x_j^T
+        a_b = weight_A.as_strided((k, g, n), (n * ac, ar, ac))  # (k_j, g, n): [A_1j; ...; A_kj]
+        z_t = torch.bmm(a_b, x_t)  # (k_j, (i, t), N), contiguous
+        # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks (the one copy)
+        u = z_t.as_strided((k, n_tok, k, s), (s * n_tok, 1, g * n_tok, n_tok)).reshape(k, n_tok, g)  # (k_i, N, g)
     b_t = weight_B.as_strided((k, g, m), (m * br, bc, br))  # (k_i, g, m): [B_i1 ... B_ik]^T
     if result is None:  # y alone (scaling is not applied)
         if n_tok == 1:  # (k_i, 1, m) is laid out as (1, out): no transpose needed

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 
 from .composed import _blocks, _gralora_composed
-
-_HALF = (torch.bfloat16, torch.float16)
-
+from .orientation import _HALF, _rows_first
 
 _LOOP_ELEMENTS = 1 << 18  # operands + output of one block from which the copies cost more than k mm calls
 
@@ -42,13 +40,21 @@ def _fused_forward(
     # x2 (N, in), weight_A (r, in), weight_B (out, r); latent rows [0, g) are the grid's, [g, r) the hybrid's
     n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
     a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n): column block j of A
-    z_t = _bmm(a_blocks, _blocks(x2, k).transpose(1, 2))  # (k_j, r, n) @ (k_j, n, N) = (k_j, r, N)
-    u = z_t.new_empty(k, n_tok, r)  # (k_i, N, r): [A_i1 x_1; ...; A_ik x_k; A_h x] per output block i
-    # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks
-    u[..., :g].unflatten(-1, (k, s)).copy_(z_t[:, :g].unflatten(1, (k, s)).permute(1, 3, 0, 2))
-    if g < r:
-        u[..., g:].copy_(z_t[:, g:].sum(0).t())  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
-    del z_t  # peak memory: gone before y exists
+    u = x2.new_empty(k, n_tok, r)  # (k_i, N, r): [A_i1 x_1; ...; A_ik x_k; A_h x] per output block i
+    if _rows_first(x2):
+        z = _bmm(_blocks(x2, k), a_blocks.transpose(1, 2))  # (k_j, N, n) @ (k_j, n, r) = (k_j, N, r)
+        # u[i, :, (j, t)] = z[j, :, (i, t)]: the transpose of the k x k grid of s-chunks
+        u[..., :g].unflatten(-1, (k, s)).copy_(z[..., :g].unflatten(-1, (k, s)).permute(2, 1, 0, 3))
+        if g < r:
+            u[..., g:].copy_(z[..., g:].sum(0))  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
+        del z  # peak memory: gone before y exists
+    else:
+        z_t = _bmm(a_blocks, _blocks(x2, k).transpose(1, 2))  # (k_j, r, n) @ (k_j, n, N) = (k_j, r, N)
+        # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks
+        u[..., :g].unflatten(-1, (k, s)).copy_(z_t[:, :g].unflatten(1, (k, s)).permute(1, 3, 0, 2))
+        if g < r:
+            u[..., g:].copy_(z_t[:, g:].sum(0).t())  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
+        del z_t
     b_t = weight_B.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, r, m): row block i of B, transposed
     y = u.new_empty(n_tok, weight_B.shape[0])  # (N, out)
     _bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, r) @ (k_i, r, m) -> output block i of y, in place
@@ -68,7 +74,8 @@ class _GraloraFunction(torch.autograd.Function):
       of size ``(N, in)`` or ``(N, out)`` is ever copied or added twice; the only copies are of the latent
       (``k r`` numbers per token) and of the weight-sized gradients;
     - every product whose output has an ``r``-sized side is computed with that side first (``z^T = A x^T``): CPU
-      BLAS is up to ~50x slower on outputs with few columns;
+      BLAS is up to ~50x slower on outputs with few columns in float32; in bfloat16 on CPU the token rows come
+      first instead (``z = x A^T``, :func:`_rows_first`), where bmm's copies of strided batches are cheapest;
     - saved for backward: ``x`` (a view of the caller's input, like LoRA's) and the latent ``(k, N, r)``.
 
     ``create_graph=True`` differentiates :func:`_gralora_composed` instead, so higher-order gradients are exact too.
@@ -116,12 +123,21 @@ def _fused_backward(
         grad_B = grad_b_t.transpose(1, 2).reshape(weight_B.shape)  # (k_i, m, r) = (out, r): B's size
     if need_x or need_a:
         b_blocks = weight_B.unflatten(0, (k, -1))  # (k_i, m, r)
-        grad_u_t = _bmm(b_blocks.transpose(1, 2), g_blocks.transpose(1, 2))  # (k_i, r, m) @ (k_i, m, N)
-        grad_z_t = grad_u_t.new_empty(k, r, n_tok)  # (k_j, r, N): gradient of z_t
-        grad_z_t[:, :g].unflatten(1, (k, s)).copy_(grad_u_t[:, :g].unflatten(1, (k, s)).transpose(0, 1))
-        if g < r:
-            grad_z_t[:, g:].copy_(grad_u_t[:, g:].sum(0))  # (h, N): every block j gets the whole hybrid grad
-        del grad_u_t  # peak memory: gone before grad x exists
+        if _rows_first(grad_y):
+            grad_u = _bmm(g_blocks, b_blocks)  # (k_i, N, m) @ (k_i, m, r) = (k_i, N, r)
+            grad_z = grad_u.new_empty(k, n_tok, r)  # (k_j, N, r): gradient of z, the same regrouping
+            grad_z[..., :g].unflatten(-1, (k, s)).copy_(grad_u[..., :g].unflatten(-1, (k, s)).permute(2, 1, 0, 3))
+            if g < r:
+                grad_z[..., g:].copy_(grad_u[..., g:].sum(0))  # (N, h): every block j gets the whole hybrid grad
+            del grad_u
+            grad_z_t = grad_z.transpose(1, 2)  # (k_j, r, N), a view
+        else:
+            grad_u_t = _bmm(b_blocks.transpose(1, 2), g_blocks.transpose(1, 2))  # (k_i, r, m) @ (k_i, m, N)
+            grad_z_t = grad_u_t.new_empty(k, r, n_tok)  # (k_j, r, N): gradient of z_t
+            grad_z_t[:, :g].unflatten(1, (k, s)).copy_(grad_u_t[:, :g].unflatten(1, (k, s)).transpose(0, 1))
+            if g < r:
+                grad_z_t[:, g:].copy_(grad_u_t[:, g:].sum(0))  # (h, N): every block j gets the whole hybrid grad
+            del grad_u_t  # peak memory: gone before grad x exists
         if need_a:
             grad_a = _bmm(grad_z_t, _blocks(x2, k))  # (k_j, r, N) @ (k_j, N, n) = (k_j, r, n)
             grad_A = grad_a.transpose(0, 1).reshape(weight_A.shape)  # (r, k_j, n) = (r, in): A's size
