@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .composed import _regroup
 from .orientation import _rows_first
 
 
@@ -45,9 +46,7 @@ def _grid_no_grad(
     if _rows_first(x):
         x_b = x.as_strided((k, n_tok, n), (n * xc, xr, xc))  # (k_j, N, n): x_j
         a_t = weight_A.as_strided((k, n, g), (n * ac, ac, ar))  # (k_j, n, g): [A_1j; ...; A_kj]^T
-        z = torch.bmm(x_b, a_t)  # (k_j, N, (i, t)), contiguous
-        # u[i, :, (j, t)] = z[j, :, (i, t)]: the transpose of the k x k grid of s-chunks (the one copy)
-        u = z.view(k, n_tok, k, s).permute(2, 1, 0, 3).reshape(k, n_tok, g)  # (k_i, N, g)
+        u = _regroup(torch.bmm(x_b, a_t), k)  # (k_j, N, (i, t)) -> (k_i, N, (j, t)): the one copy
     else:
         x_t = x.as_strided((k, n, n_tok), (n * xc, xc, xr))  # (k_j, n, N): x_j^T
         a_b = weight_A.as_strided((k, g, n), (n * ac, ar, ac))  # (k_j, g, n): [A_1j; ...; A_kj]

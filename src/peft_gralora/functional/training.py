@@ -32,6 +32,19 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> t
     return out
 
 
+def _regroup_rows(z: torch.Tensor, k: int, g: int) -> torch.Tensor:
+    """``(k_p, N, r) -> (k_q, N, r)`` for token-rows-first latents: the grid columns ``[0, g)`` swap their two block
+    indices (``out[q, :, (p, t)] = z[p, :, (q, t)]``, its own inverse, so the forward's latent and the backward's
+    gradient of it use the same call); each hybrid column ``[g, r)`` becomes the sum over ``p``, for every ``q``
+    (``A_h x = sum_j A_h[:, block j] x_j``, and likewise every block gets the whole hybrid gradient)."""
+    n_tok, r, s = z.shape[1], z.shape[2], g // k
+    out = z.new_empty(k, n_tok, r)
+    out[..., :g].unflatten(-1, (k, s)).copy_(z[..., :g].unflatten(-1, (k, s)).permute(2, 1, 0, 3))
+    if g < r:
+        out[..., g:].copy_(z[..., g:].sum(0))  # (N, h), broadcast over q
+    return out
+
+
 def _fused_forward(
     x2: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, k: int, g: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,21 +53,17 @@ def _fused_forward(
     # x2 (N, in), weight_A (r, in), weight_B (out, r); latent rows [0, g) are the grid's, [g, r) the hybrid's
     n_tok, r, s = x2.shape[0], weight_A.shape[0], g // k
     a_blocks = weight_A.unflatten(1, (k, -1)).transpose(0, 1)  # (k_j, r, n): column block j of A
-    u = x2.new_empty(k, n_tok, r)  # (k_i, N, r): [A_i1 x_1; ...; A_ik x_k; A_h x] per output block i
     if _rows_first(x2):
-        z = _bmm(_blocks(x2, k), a_blocks.transpose(1, 2))  # (k_j, N, n) @ (k_j, n, r) = (k_j, N, r)
-        # u[i, :, (j, t)] = z[j, :, (i, t)]: the transpose of the k x k grid of s-chunks
-        u[..., :g].unflatten(-1, (k, s)).copy_(z[..., :g].unflatten(-1, (k, s)).permute(2, 1, 0, 3))
-        if g < r:
-            u[..., g:].copy_(z[..., g:].sum(0))  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
-        del z  # peak memory: gone before y exists
+        # (k_j, N, n) @ (k_j, n, r) = (k_j, N, r), regrouped; the product is freed before y exists (peak memory)
+        u = _regroup_rows(_bmm(_blocks(x2, k), a_blocks.transpose(1, 2)), k, g)
     else:
+        u = x2.new_empty(k, n_tok, r)  # (k_i, N, r): [A_i1 x_1; ...; A_ik x_k; A_h x] per output block i
         z_t = _bmm(a_blocks, _blocks(x2, k).transpose(1, 2))  # (k_j, r, n) @ (k_j, n, N) = (k_j, r, N)
         # u[i, :, (j, t)] = z_t[j, (i, t), :]: the transpose of the k x k grid of s-chunks
         u[..., :g].unflatten(-1, (k, s)).copy_(z_t[:, :g].unflatten(1, (k, s)).permute(1, 3, 0, 2))
         if g < r:
             u[..., g:].copy_(z_t[:, g:].sum(0).t())  # (N, h): A_h x = sum_j A_h[:, block j] x_j, for every i
-        del z_t
+        del z_t  # peak memory: gone before y exists
     b_t = weight_B.unflatten(0, (k, -1)).transpose(1, 2)  # (k_i, r, m): row block i of B, transposed
     y = u.new_empty(n_tok, weight_B.shape[0])  # (N, out)
     _bmm(u, b_t, out=_blocks(y, k))  # (k_i, N, r) @ (k_i, r, m) -> output block i of y, in place
@@ -124,13 +133,8 @@ def _fused_backward(
     if need_x or need_a:
         b_blocks = weight_B.unflatten(0, (k, -1))  # (k_i, m, r)
         if _rows_first(grad_y):
-            grad_u = _bmm(g_blocks, b_blocks)  # (k_i, N, m) @ (k_i, m, r) = (k_i, N, r)
-            grad_z = grad_u.new_empty(k, n_tok, r)  # (k_j, N, r): gradient of z, the same regrouping
-            grad_z[..., :g].unflatten(-1, (k, s)).copy_(grad_u[..., :g].unflatten(-1, (k, s)).permute(2, 1, 0, 3))
-            if g < r:
-                grad_z[..., g:].copy_(grad_u[..., g:].sum(0))  # (N, h): every block j gets the whole hybrid grad
-            del grad_u
-            grad_z_t = grad_z.transpose(1, 2)  # (k_j, r, N), a view
+            # (k_i, N, m) @ (k_i, m, r) = (k_i, N, r), regrouped into the gradient of z (k_j, N, r), then viewed
+            grad_z_t = _regroup_rows(_bmm(g_blocks, b_blocks), k, g).transpose(1, 2)  # (k_j, r, N)
         else:
             grad_u_t = _bmm(b_blocks.transpose(1, 2), g_blocks.transpose(1, 2))  # (k_i, r, m) @ (k_i, m, N)
             grad_z_t = grad_u_t.new_empty(k, r, n_tok)  # (k_j, r, N): gradient of z_t
